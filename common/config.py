@@ -1,0 +1,96 @@
+"""One dataclass holds every setting; the CLI of both training scripts is generated from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+
+DESIGNS = ("flatten", "digit")
+
+
+class ConfigError(Exception):
+    """An invalid setting; shown as one line, exit code 2."""
+
+
+@dataclass
+class Config:
+    # model
+    design: str = "flatten"  # where r joins: "flatten" (the assignment's) or "digit" (the adder reads the digit head)
+    conv1: int = 32  # channels of the first 3x3 conv
+    conv2: int = 64  # channels of the second 3x3 conv
+    hidden: int = 256  # width of the fully connected layer
+    adder_hidden: int = 64  # width of the adder MLP (design "digit")
+    # optimisation
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 2e-3  # peak learning rate of Adam(W)
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.5  # linear warm-up from lr/10, then linear decay to 0
+    seed: int = 0
+    shift: int = 0  # random translation by up to this many pixels (0: no augmentation)
+    label_smoothing: float = 0.0
+    sum_weight: float = 1.0  # loss = CE(digit) + sum_weight * CE(sum)
+    # data and outputs
+    data_dir: str | None = None
+    out: str = "runs/latest"
+    dry_run: bool = False
+    steps_per_call: int = 1  # training steps fused into one compiled call (JAX)
+
+    def validate(self) -> "Config":
+        positive = ("epochs", "batch_size", "conv1", "conv2", "hidden", "adder_hidden", "steps_per_call")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "warmup_epochs", "shift", "sum_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.shift > 8:
+            raise ConfigError(f"--shift {self.shift} would move most digits out of the 28x28 frame (max 8)")
+        if self.design not in DESIGNS:
+            raise ConfigError(f"--design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
+        if self.batch_size > 60_000:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the training set")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the whole usage; one line is kinder
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag_type(field: dataclasses.Field):
+    kind = str(field.type)
+    if "bool" in kind:
+        return None
+    if "int" in kind:
+        return int
+    if "float" in kind:
+        return float
+    return str
+
+
+def parse_config(argv: list[str] | None, description: str) -> Config:
+    parser = _OneLineParser(description=description)
+    defaults = Config()
+    for f in fields(Config):
+        flag = f"--{f.name.replace('_', '-')}"
+        if _flag_type(f) is None:
+            parser.add_argument(flag, action="store_true", help=f"(default: {getattr(defaults, f.name)})")
+        else:
+            parser.add_argument(flag, type=_flag_type(f), default=getattr(defaults, f.name), metavar=f.name.upper(), help=f"(default: {getattr(defaults, f.name)})")
+    args = parser.parse_args(argv)
+    try:
+        return Config(**vars(args)).validate()
+    except ConfigError as e:
+        parser.error(str(e))
+    raise AssertionError  # unreachable: parser.error exits

@@ -1,0 +1,64 @@
+"""What a training run leaves in RUN_DIR, the same for both frameworks:
+config.json, metrics.jsonl (one object per epoch) and curves.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "epoch_time_s")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunLog:
+    def __init__(self, run_dir: str | Path, config: dict, environment: dict, fresh: bool = True):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        if fresh and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        environment = {"python": platform.python_version(), "machine": platform.machine(), **environment}
+        _atomic_write(self.dir / "config.json", json.dumps({"config": config, "environment": environment}, indent=2) + "\n")
+
+    def history(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def log_epoch(self, metrics: dict) -> None:
+        missing = set(METRIC_KEYS) - set(metrics)
+        assert not missing, f"metrics lack {missing}"
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        plot_curves(self.history(), self.dir / "curves.png")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
+    ax_loss.plot(epochs, [m["test_loss"] for m in history], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss (CE digit + CE sum)", yscale="log", title="Loss")
+    ax_acc.plot(epochs, [100 * m["test_digit_acc"] for m in history], "o-", label="digit")
+    ax_acc.plot(epochs, [100 * m["test_sum_acc"] for m in history], "o-", label="sum")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

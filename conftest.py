@@ -1,0 +1,29 @@
+"""Shared fixtures: the real MNIST, found through MNIST_DIR (CI: ../shared/data/mnist).
+A missing data set is an error, never a skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common import data as D
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    value = os.environ.get("MNIST_DIR")
+    if not value:
+        pytest.fail("MNIST_DIR is not set: point it at the MNIST IDX files (e.g. ../shared/data/mnist)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def mnist_arrays(mnist_dir) -> dict:
+    return D.load_mnist(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def splits(mnist_arrays) -> tuple[D.Split, D.Split]:
+    return D.make_splits(mnist_arrays, seed=0)

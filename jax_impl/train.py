@@ -1,0 +1,160 @@
+"""Training with JAX: the compiled train step, evaluation, and the epoch loop."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from common import data as D
+from common.config import Config
+from common.loop import fit, load_splits, steps_per_epoch
+from common.runlog import RunLog
+from common.schedule import lr_knots
+from jax_impl import checkpoint
+from jax_impl.model import SumNet
+
+State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
+
+
+def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
+    xs, ys = lr_knots(cfg, total_steps)
+    pieces = [optax.linear_schedule(ys[i], ys[i + 1], xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+    return optax.join_schedules(pieces, xs[1:-1])
+
+
+def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+
+
+def preprocess(images_u8: jax.Array) -> jax.Array:
+    """uint8 (n, 28, 28) -> normalised (n, 28, 28, 1), on the device.
+    `float` is float32, or float64 under jax.enable_x64 (the float64 parity check)."""
+    return ((images_u8.astype(float) / 255.0 - D.MEAN) / D.STD)[..., None]
+
+
+def translate(images_u8: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
+    """Moves each image by its offset: zero-pad by max_shift, crop 28x28 at `shifts` (n, 2)."""
+    padded = jnp.pad(images_u8, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    return jax.vmap(lambda im, s: jax.lax.dynamic_slice(im, (s[0], s[1]), (28, 28)))(padded, shifts)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(one_hot, smoothing) if smoothing else one_hot)
+
+
+def loss_fn(model: SumNet, images: jax.Array, numbers: jax.Array, labels: jax.Array,
+            smoothing: float = 0.0, sum_weight: float = 1.0) -> jax.Array:
+    """Mean over the batch of CE(digit) + sum_weight * CE(sum)."""
+    digit_logits, sum_logits = model(images, numbers)
+    digit_ce = cross_entropy(digit_logits, labels, smoothing)
+    sum_ce = cross_entropy(sum_logits, labels + numbers, smoothing)
+    return (digit_ce + sum_weight * sum_ce).mean()
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+    """Returns train(state, dataset, batch_indices (k, b), shifts (k, b, 2) | None) -> (state, losses (k,)),
+    compiled once per k.
+
+    The model is split once into a static graphdef and a pytree of arrays, so the compiled
+    function sees plain pytrees (no per-call NNX graph traversal), and `state` is donated so
+    XLA updates parameters and Adam moments in place.
+    """
+
+    def one_step(state: State, dataset: dict, idx: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
+        images = dataset["images"][idx]
+        if shifts is not None:
+            images = translate(images, shifts, cfg.shift)
+        images = preprocess(images)
+        numbers, labels = dataset["numbers"][idx], dataset["labels"][idx]
+
+        def loss_of(params):
+            return loss_fn(nnx.merge(graphdef, params), images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
+
+        loss, grads = jax.value_and_grad(loss_of)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    @partial(jax.jit, donate_argnums=0)
+    def train(state: State, dataset: dict, batch_indices: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
+        losses = []
+        for k in range(batch_indices.shape[0]):  # unrolled: XLA's CPU convolutions are slow inside loops
+            state, loss = one_step(state, dataset, batch_indices[k], None if shifts is None else shifts[k])
+            losses.append(loss)
+        return state, jnp.stack(losses)
+
+    return train
+
+
+def make_predict(graphdef: nnx.GraphDef, chunk: int = 2000) -> Callable:
+    """Returns predict(params, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any n."""
+
+    @jax.jit
+    def logits(params, images_u8, numbers):
+        return nnx.merge(graphdef, params)(preprocess(images_u8), numbers)
+
+    def predict(params, images_u8: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(numbers)
+        pad = (-n) % chunk if n > chunk else 0  # pad the last chunk so every call has one shape
+        images_u8 = np.concatenate([images_u8, np.zeros((pad, 28, 28), np.uint8)])
+        numbers = np.concatenate([numbers, np.zeros(pad, np.int32)])
+        outs = [logits(params, images_u8[i : i + chunk], numbers[i : i + chunk]) for i in range(0, len(numbers), chunk)]
+        digit, summ = (np.concatenate([np.asarray(o[j]) for o in outs])[:n] for j in (0, 1))
+        return digit, summ
+
+    return predict
+
+
+def init_model(cfg: Config) -> SumNet:
+    return SumNet(cfg, nnx.Rngs(cfg.seed))
+
+
+def environment() -> dict:
+    import flax
+
+    return {"framework": "jax", "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+
+
+class JaxTrainer:
+    """The JAX side of `common.loop.Trainer`: state on the device, one compiled step."""
+
+    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None):
+        graphdef, params = nnx.split(init_model(cfg))
+        self.tx = make_optimizer(cfg, total_steps)
+        self.state = {"params": params, "opt_state": self.tx.init(params)}
+        self.dataset = {"images": jnp.asarray(train_split.images), "labels": jnp.asarray(train_split.labels),
+                        "numbers": jnp.asarray(train_split.numbers)}
+        self._train = make_train_step(cfg, graphdef, self.tx)
+        self._predict = make_predict(graphdef)
+        self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
+
+    def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
+        shifts = None if shifts is None else jnp.asarray(shifts)
+        self.state, losses = self._train(self.state, self.dataset, jnp.asarray(batch_indices), shifts)
+        return np.asarray(losses)
+
+    def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._predict(self.state["params"], images, numbers)
+
+    def save(self, epoch: int) -> None:
+        if self.ckpt:
+            checkpoint.save(self.ckpt, epoch, self.state)
+
+
+def run(cfg: Config) -> list[dict]:
+    """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
+    train_split, test_split = load_splits(cfg)
+    total_steps = steps_per_epoch(cfg, len(train_split)) * (1 if cfg.dry_run else cfg.epochs)
+    log = RunLog(cfg.out, cfg.to_dict(), environment())
+    trainer = JaxTrainer(cfg, train_split, total_steps, log.dir)
+    history = fit(cfg, trainer, train_split, test_split, log, cfg.steps_per_call)
+    trainer.ckpt.wait_until_finished()
+    return history

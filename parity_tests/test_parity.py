@@ -1,0 +1,95 @@
+"""JAX and PyTorch agree: structure, forward, loss, gradients, one update, 200-step trajectory.
+Every check runs for every design, on real MNIST; tolerances are explained in parity.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import DESIGNS
+from parity_tests import parity as P
+from parity_tests.convert import ShapeMismatch, flax_to_torch, torch_to_flax
+from torch_ref.model import SumNet as TorchSumNet
+
+TOL = P.TOLERANCES
+
+
+@pytest.fixture(scope="module", params=DESIGNS)
+def setup(request, splits):
+    cfg = P.config_for(request.param)
+    train, test = splits
+    params = P.pretrained_params(cfg, train)
+    return cfg, train, test, params, P.trajectory_plan(cfg, len(train))
+
+
+def test_structure(setup):
+    cfg = setup[0]
+    s = P.structure(cfg)
+    assert s["flax_param_count"] == s["torch_param_count"] > 100_000
+    assert s["flax_shapes"] == s["mapped_shapes"]
+    for n, out in s["outputs"].items():
+        assert out["jax"] == out["torch"] == ((n, 10), (n, 19))
+
+
+def test_weights_round_trip_exactly(setup):
+    cfg, _, _, params, _ = setup
+    torch_model = TorchSumNet(cfg)
+    state = flax_to_torch(params, torch_model.state_dict())
+    back = torch_to_flax(state, params)
+    for layer in params:
+        for kind in params[layer]:
+            np.testing.assert_array_equal(back[layer][kind], params[layer][kind])
+    again = flax_to_torch(back, torch_model.state_dict())
+    for key in state:
+        assert torch.equal(again[key], state[key])
+
+
+def test_conversion_rejects_other_shapes(setup):
+    cfg, _, _, params, _ = setup
+    other = TorchSumNet(P.config_for(cfg.design, conv2=32))
+    with pytest.raises(ShapeMismatch, match="conv2"):
+        flax_to_torch(params, other.state_dict())
+    with pytest.raises(ShapeMismatch, match="conv2"):
+        torch_to_flax(other.state_dict(), params)
+
+
+def test_forward_agrees_on_all_test_pairs(setup):
+    cfg, train, test, params, _ = setup
+    r = P.forward(cfg, train, params, test)
+    print(f"{cfg.design}: logits float64 diff {r['logits_max_abs_diff']:.1e}, float32 diff {r['logits_max_abs_diff_float32']:.1e}, "
+          f"float32 error vs exact {r['logits_float32_max_abs_err']:.1e}")
+    assert r["max_abs_logit"] > 5  # trained weights: the comparison is not of near-zero numbers
+    assert r["logits_max_abs_diff"] <= TOL["logits_max_abs_diff"]
+    assert r["logits_float32_max_abs_err"] <= TOL["logits_float32_max_abs_err"]
+    assert r["logits_max_abs_diff_float32"] <= 2 * TOL["logits_float32_max_abs_err"]  # follows from the line above
+    assert r["prediction_agreement"] == 1.0
+
+
+def test_loss_and_gradients_agree(setup):
+    cfg, train, _, params, (batches, _) = setup
+    r = P.loss_and_grads(P.Pair(cfg, train, params, 1), train, batches[0])
+    assert r["loss_rel_diff"] <= TOL["loss_rel_diff"]
+    assert r["grad_max_rel_diff"] <= TOL["grad_max_rel_diff"], r["grad_rel_diff_per_param"]
+
+
+def test_one_optimizer_step_agrees(setup):
+    cfg, train, _, params, (batches, shifts) = setup
+    pair = P.Pair(cfg, train, params, P.TRAJECTORY_STEPS)
+    r = P.one_update(pair, batches[0], None if shifts is None else shifts[0])
+    assert r["update_max_abs_diff"] <= TOL["update_max_abs_diff"]
+    assert r["update_max_abs_step"] > 10 * TOL["update_max_abs_diff"]  # the step really changed the weights
+    assert r["update_entries_near_eps"] < 0.1 * r["update_entries"]  # the set-apart entries are few (0.3-9% seen)
+    assert r["update_max_abs_diff_near_eps"] < r["update_max_abs_step"]  # and still bounded by Adam's step size
+
+
+def test_trajectory_of_200_steps_agrees_in_float64(setup):
+    cfg, train, _, params, (batches, shifts) = setup
+    with P.float64():
+        pair = P.Pair(cfg, train, params, P.TRAJECTORY_STEPS)
+        r = P.trajectory(pair, batches, shifts, cfg.steps_per_call)
+        assert pair.jax_params()["fc"]["kernel"].dtype == np.float64
+        assert next(pair.torch.model.parameters()).dtype == torch.float64
+    print(f"{cfg.design}: max relative loss difference over 200 steps {r['trajectory_max_rel_loss_diff']:.2e}")
+    assert r["trajectory_max_rel_loss_diff"] <= TOL["trajectory_max_rel_loss_diff"]
+    assert r["trajectory_final_loss"] < r["trajectory_first_loss"]  # it trained: not two idle copies

@@ -1,0 +1,44 @@
+"""Measure how closely the JAX implementation and the PyTorch reference agree (checks 1-5 of
+parity_tests/), for every design, and print each figure next to its tolerance.
+Exit code 1 if any tolerance fails.  `python scripts/parity_report.py [--data-dir DIR] [--json OUT]`"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from common.cli import run_main  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--json", default=None, metavar="OUT")
+    args = parser.parse_args()
+
+    from common.config import DESIGNS
+    from common.data import locate, load_mnist, make_splits
+    from parity_tests import parity as P
+
+    train, test = make_splits(load_mnist(locate(args.data_dir)), seed=0)
+    reports = {design: P.full_report(P.config_for(design), train, test) for design in DESIGNS}
+
+    print(f"{'figure':32s} {'tolerance':>10s} " + " ".join(f"{d:>12s}" for d in DESIGNS))
+    for key, tol in P.TOLERANCES.items():
+        sign = ">=" if key == "prediction_agreement" else "<="
+        print(f"{key:32s} {sign}{tol:8.0e} " + " ".join(f"{reports[d][key]:12.3e}" for d in DESIGNS))
+    failed = {d: P.failures(r) for d, r in reports.items()}
+    # The top-level keys hold the worst case over designs, so one number answers "does it pass?".
+    worst = {k: (min if k == "prediction_agreement" else max)(r[k] for r in reports.values()) for k in P.TOLERANCES}
+    if args.json:
+        Path(args.json).write_text(json.dumps({**worst, "tolerances": P.TOLERANCES, "per_design": reports,
+                                               "failures": failed}, indent=2, default=str) + "\n")
+    bad = [f"{d}: {f}" for d, fs in failed.items() for f in fs]
+    print("PASS: every figure within tolerance" if not bad else "FAIL: " + "; ".join(bad))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,37 @@
+"""The PyTorch reference: jax_impl/model.py layer for layer, in plain torch.nn (NCHW)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import Config
+from common.data import NUM_DIGITS, NUM_SUMS
+
+
+class SumNet(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.design = cfg.design
+        flat = 7 * 7 * cfg.conv2
+        self.conv1 = nn.Conv2d(1, cfg.conv1, 3, padding=1)
+        self.conv2 = nn.Conv2d(cfg.conv1, cfg.conv2, 3, padding=1)
+        self.fc = nn.Linear(flat + NUM_DIGITS if cfg.design == "flatten" else flat, cfg.hidden)
+        self.digit_head = nn.Linear(cfg.hidden, NUM_DIGITS)
+        if cfg.design == "digit":
+            self.adder = nn.Linear(2 * NUM_DIGITS, cfg.adder_hidden)
+        self.sum_head = nn.Linear(cfg.hidden if cfg.design == "flatten" else cfg.adder_hidden, NUM_SUMS)
+
+    def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (n, 1, 28, 28) normalised float32; numbers (n,) int64 -> (digit logits, sum logits)."""
+        x = F.max_pool2d(F.relu(self.conv1(images)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.flatten(1)  # (c, h, w) order; jax_impl flattens (h, w, c): parity_tests/convert.py maps them
+        one_hot = F.one_hot(numbers, NUM_DIGITS).to(x.dtype)
+        if self.design == "flatten":
+            h = F.relu(self.fc(torch.cat([x, one_hot], dim=1)))
+            return self.digit_head(h), self.sum_head(h)
+        digit_logits = self.digit_head(F.relu(self.fc(x)))
+        adder_in = torch.cat([F.softmax(digit_logits, dim=1), one_hot], dim=1)
+        return digit_logits, self.sum_head(F.relu(self.adder(adder_in)))
