@@ -23,19 +23,20 @@ class Config:
     hidden: int = 256  # width of the fully connected layer
     adder_hidden: int = 64  # width of the adder MLP (design "digit")
     # optimisation
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3  # peak learning rate of Adam(W)
     weight_decay: float = 0.0
     warmup_epochs: float = 0.5  # linear warm-up from lr/10, then linear decay to 0
     seed: int = 0
-    shift: int = 0  # random translation by up to this many pixels (0: no augmentation)
+    shift: int = 2  # random translation by up to this many pixels (0: no augmentation)
     label_smoothing: float = 0.0
     sum_weight: float = 1.0  # loss = CE(digit) + sum_weight * CE(sum)
     # data and outputs
     data_dir: str | None = None
     out: str = "runs/latest"
     dry_run: bool = False
+    resume: str | None = None  # RUN_DIR of a stopped run: continue it from its last checkpoint, with its settings
     steps_per_call: int = 1  # training steps fused into one compiled call (JAX)
 
     def validate(self) -> "Config":
@@ -62,7 +63,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints the whole usage; one line is kinder
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
@@ -80,7 +81,7 @@ def _flag_type(field: dataclasses.Field):
 
 
 def parse_config(argv: list[str] | None, description: str) -> Config:
-    parser = _OneLineParser(description=description)
+    parser = OneLineParser(description=description)
     defaults = Config()
     for f in fields(Config):
         flag = f"--{f.name.replace('_', '-')}"

@@ -3,14 +3,18 @@ A framework plugs in through the small `Trainer` interface."""
 
 from __future__ import annotations
 
+import json
+import signal
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from common import data as D
-from common.config import Config
+from common.config import Config, ConfigError
 from common.metrics import score
 from common.runlog import RunLog
 
@@ -23,39 +27,75 @@ class Trainer(Protocol):
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(digit logits, sum logits) for uint8 images and their numbers."""
 
-    def save(self, epoch: int) -> None:
-        """Checkpoints the state reached at the end of `epoch`."""
+    def save(self, global_step: int, position: dict) -> None:
+        """Checkpoints the training state, atomically, with `position` (JSON) beside it."""
+
+    def restore(self) -> dict | None:
+        """Loads the latest checkpoint into the trainer; returns its position (None: there is none)."""
+
+
+class StopOnCtrlC:
+    """Turns Ctrl-C into a flag the loop checks between steps, so a step is never cut in half
+    (JAX donates the old state to the step: stopping mid-call could lose it)."""
+
+    def __enter__(self) -> "StopOnCtrlC":
+        self.pressed = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
     return 5 if cfg.dry_run else n_train // cfg.batch_size
 
 
-def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLog, steps_per_call: int = 1) -> list[dict]:
+def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLog, steps_per_call: int = 1,
+        resume: bool = False) -> list[dict]:
+    """Trains epoch by epoch. Everything random is a function of (seed, epoch), so a position
+    (epoch, step, the epoch's losses so far) is all a checkpoint needs to resume exactly."""
     epochs = 1 if cfg.dry_run else cfg.epochs
-    history = []
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        batches, shifts = epoch_plan(cfg, len(train), epoch)
-        losses = []
-        with tqdm(total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False, unit="step") as bar:
-            for i in range(0, len(batches), steps_per_call):
-                chunk = trainer.train_steps(batches[i : i + steps_per_call], None if shifts is None else shifts[i : i + steps_per_call])
-                losses.append(chunk)
-                bar.update(len(chunk))
-                bar.set_postfix(loss=f"{chunk[-1]:.4f}")
-        train_loss = float(np.concatenate(losses).mean())
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; stopped, the last good checkpoint is kept")
-        metrics = {"epoch": epoch, "train_loss": train_loss,
-                   **score(*trainer.predict(test.images, test.numbers), test.labels, test.numbers),
-                   "epoch_time_s": time.perf_counter() - start}
-        log.log_epoch(metrics)
-        trainer.save(epoch)
-        history.append(metrics)
-        tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {metrics['test_loss']:.4f}  "
-                   f"digit {100 * metrics['test_digit_acc']:.2f}%  sum {100 * metrics['test_sum_acc']:.2f}%  "
-                   f"{metrics['epoch_time_s']:.1f}s")
+    per_epoch = steps_per_epoch(cfg, len(train))
+    position = (trainer.restore() if resume else None) or {"epoch": 1, "step": 0, "losses": []}
+    log.truncate(position["epoch"] - 1)  # epochs logged after the checkpoint are redone
+    history = log.history()
+    with StopOnCtrlC() as ctrl_c:
+        for epoch in range(position["epoch"], epochs + 1):
+            start = time.perf_counter()
+            batches, shifts = epoch_plan(cfg, len(train), epoch)
+            first = position["step"] if epoch == position["epoch"] else 0
+            losses = list(position["losses"]) if epoch == position["epoch"] else []
+            with tqdm(total=len(batches), initial=first, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step") as bar:
+                for step in range(first, len(batches), steps_per_call):
+                    chunk = trainer.train_steps(batches[step : step + steps_per_call],
+                                                None if shifts is None else shifts[step : step + steps_per_call])
+                    if not np.isfinite(chunk).all():
+                        raise FloatingPointError(f"epoch {epoch}, step {step}: the training loss is not finite; "
+                                                 "stopped, the last good checkpoint is kept")
+                    losses.extend(chunk.tolist())
+                    bar.update(len(chunk))
+                    bar.set_postfix(loss=f"{chunk[-1]:.4f}")
+                    if ctrl_c.pressed:
+                        trainer.save((epoch - 1) * per_epoch + len(losses), {"epoch": epoch, "step": len(losses), "losses": losses})
+                        tqdm.write(f"interrupted: saved epoch {epoch}, step {len(losses)}; continue with --resume {log.dir}")
+                        raise KeyboardInterrupt
+            train_loss = float(np.mean(losses))
+            metrics = {"epoch": epoch, "train_loss": train_loss,
+                       **score(*trainer.predict(test.images, test.numbers), test.labels, test.numbers),
+                       "epoch_time_s": time.perf_counter() - start}
+            log.log_epoch(metrics)
+            trainer.save(epoch * per_epoch, {"epoch": epoch + 1, "step": 0, "losses": []})
+            history.append(metrics)
+            tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {metrics['test_loss']:.4f}  "
+                       f"digit {100 * metrics['test_digit_acc']:.2f}%  sum {100 * metrics['test_sum_acc']:.2f}%  "
+                       f"{metrics['epoch_time_s']:.1f}s")
+            if ctrl_c.pressed and epoch < epochs:
+                tqdm.write(f"interrupted: saved the end of epoch {epoch}; continue with --resume {log.dir}")
+                raise KeyboardInterrupt
     return history
 
 
@@ -64,6 +104,31 @@ def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.nd
     batches = D.epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch)[: steps_per_epoch(cfg, n_train)]
     shifts = D.epoch_shifts(len(batches), cfg.batch_size, cfg.shift, cfg.seed, epoch) if cfg.shift else None
     return batches, shifts
+
+
+def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: int = 1) -> list[dict]:
+    """Everything a training script does, for either framework: data, run directory,
+    trainer (`make_trainer(cfg, train_split, total_steps, run_dir)`), resume, the loop."""
+    resume = cfg.resume is not None
+    if resume:
+        cfg = saved_config(Path(cfg.resume))
+    train, test = load_splits(cfg)
+    total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
+    log = RunLog(cfg.out, cfg.to_dict(), environment, fresh=not resume)
+    trainer = make_trainer(cfg, train, total_steps, log.dir)
+    try:
+        return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
+    finally:
+        getattr(trainer, "close", lambda: None)()
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The settings a run was started with, to continue it."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--resume {run_dir}: not a run directory ({e})") from None
+    return replace(Config(**saved), resume=str(run_dir), out=str(run_dir))
 
 
 def load_splits(cfg: Config) -> tuple[D.Split, D.Split]:

@@ -27,6 +27,11 @@ class RunLog:
         environment = {"python": platform.python_version(), "machine": platform.machine(), **environment}
         _atomic_write(self.dir / "config.json", json.dumps({"config": config, "environment": environment}, indent=2) + "\n")
 
+    def truncate(self, epochs: int) -> None:
+        """Keeps the first `epochs` lines of metrics.jsonl (resuming redoes the rest)."""
+        kept = [m for m in self.history() if m["epoch"] <= epochs]
+        _atomic_write(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+
     def history(self) -> list[dict]:
         if not self.metrics_path.exists():
             return []

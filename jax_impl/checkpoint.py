@@ -16,17 +16,17 @@ def manager(directory: Path, keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: dict | None = None) -> None:
-    mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave({"epoch": epoch, **(meta or {})})))
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """Saves `state` (any pytree of arrays) and `meta` (JSON) as training step `step`."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
-def restore(mngr: ocp.CheckpointManager, like: Any, epoch: int | None = None) -> tuple[Any, dict]:
-    """The state saved at `epoch` (default: latest), shaped like `like`, and its metadata."""
-    epoch = mngr.latest_step() if epoch is None else epoch
-    if epoch is None:
+def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> tuple[Any, dict]:
+    """The state saved at `step` (default: latest), shaped like `like`, and its metadata."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
         raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                           meta=ocp.args.JsonRestore()))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                          meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]

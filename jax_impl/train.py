@@ -14,8 +14,7 @@ from flax import nnx
 
 from common import data as D
 from common.config import Config
-from common.loop import fit, load_splits, steps_per_epoch
-from common.runlog import RunLog
+from common.loop import run_training
 from common.schedule import lr_knots
 from jax_impl import checkpoint
 from jax_impl.model import SumNet
@@ -144,17 +143,21 @@ class JaxTrainer:
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._predict(self.state["params"], images, numbers)
 
-    def save(self, epoch: int) -> None:
+    def save(self, global_step: int, position: dict) -> None:
         if self.ckpt:
-            checkpoint.save(self.ckpt, epoch, self.state)
+            checkpoint.save(self.ckpt, global_step, self.state, position)
+
+    def restore(self) -> dict | None:
+        if not self.ckpt or self.ckpt.latest_step() is None:
+            return None
+        self.state, position = checkpoint.restore(self.ckpt, self.state)
+        return position
+
+    def close(self) -> None:
+        if self.ckpt:
+            self.ckpt.wait_until_finished()  # Orbax saves in the background
 
 
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
-    train_split, test_split = load_splits(cfg)
-    total_steps = steps_per_epoch(cfg, len(train_split)) * (1 if cfg.dry_run else cfg.epochs)
-    log = RunLog(cfg.out, cfg.to_dict(), environment())
-    trainer = JaxTrainer(cfg, train_split, total_steps, log.dir)
-    history = fit(cfg, trainer, train_split, test_split, log, cfg.steps_per_call)
-    trainer.ckpt.wait_until_finished()
-    return history
+    return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call)

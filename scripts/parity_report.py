@@ -2,7 +2,6 @@
 parity_tests/), for every design, and print each figure next to its tolerance.
 Exit code 1 if any tolerance fails.  `python scripts/parity_report.py [--data-dir DIR] [--json OUT]`"""
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,9 @@ from common.cli import run_main  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from common.config import OneLineParser
+
+    parser = OneLineParser(description=__doc__)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, metavar="OUT")
     args = parser.parse_args()

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from common import data as D
 from common.config import Config
-from common.loop import fit, load_splits, steps_per_epoch
-from common.runlog import RunLog
+from common.loop import run_training
 from common.schedule import lr_at, lr_knots
 from torch_ref.model import SumNet
 
@@ -88,18 +87,26 @@ class TorchTrainer:
                 for i in range(0, len(numbers), chunk)]
         return tuple(torch.cat([o[j] for o in outs]).numpy() for j in (0, 1))
 
-    def save(self, epoch: int) -> None:
+    def save(self, global_step: int, position: dict) -> None:
         if self.run_dir is None:
             return
         path = self.run_dir / "checkpoint.pt"
         tmp = path.with_suffix(".pt.tmp")
-        torch.save({"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict()}, tmp)
+        torch.save({"step": global_step, "position": position, "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint.pt
+
+    def restore(self) -> dict | None:
+        path = self.run_dir / "checkpoint.pt" if self.run_dir else None
+        if path is None or not path.exists():
+            return None
+        saved = torch.load(path, weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        return saved["position"]
 
 
 def run(cfg: Config) -> list[dict]:
-    train_split, test_split = load_splits(cfg)
-    total_steps = steps_per_epoch(cfg, len(train_split)) * (1 if cfg.dry_run else cfg.epochs)
-    log = RunLog(cfg.out, cfg.to_dict(), environment())
-    return fit(cfg, TorchTrainer(cfg, train_split, total_steps, log.dir), train_split, test_split, log)
+    """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
+    return run_training(cfg, TorchTrainer, environment())

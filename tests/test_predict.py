@@ -1,0 +1,451 @@
+"""scripts/predict.py on real runs of both frameworks, common/images.py and common/plots.py.
+
+Two one-epoch runs (a small JAX model and a small PyTorch one) are trained once for the
+module, side by side; every prediction below is checked against real MNIST test labels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import plots
+from common.cli import UserError
+from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "predict.py"
+# A small network (conv 8/16, fc 64) learns MNIST's digits to ~97% in one epoch, in seconds
+# on two cores. The JAX run uses the "digit" design, whose sum head is ~96% right after one
+# epoch; the PyTorch run uses the assignment's "flatten" design (sum ~20% after one epoch),
+# so only its digits are held to a high bar.
+SMALL = ["--epochs", "1", "--conv1", "8", "--conv2", "16", "--hidden", "64"]
+RUNS = {"jax": ("train_jax.py", ["--design", "digit"]), "torch": ("train_torch.py", ["--design", "flatten"])}
+CHOSEN = list(range(0, 10_000, 1000))  # ten test images spread over the test set
+
+
+def _load_predict_module():
+    spec = importlib.util.spec_from_file_location("predict_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+P = _load_predict_module()
+
+
+def predict_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mnist_dir) -> dict[str, Path]:
+    """{"jax": RUN_DIR, "torch": RUN_DIR}, each one real epoch on the full training set."""
+    base = tmp_path_factory.mktemp("runs")
+    procs = {}
+    for framework, (script, extra) in RUNS.items():
+        out = base / framework
+        cmd = [sys.executable, str(ROOT / "scripts" / script), *SMALL, *extra, "--data-dir", str(mnist_dir), "--out", str(out)]
+        # One thread for torch: next to the JAX run on two cores, its default of one thread per
+        # core oversubscribes them and the epoch takes ~3x as long.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if framework == "torch" else None
+        procs[framework] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for framework, (out, proc) in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{framework} training failed: {stderr[-2000:]}"
+    return {framework: out for framework, (out, _) in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def predictors(runs) -> dict:
+    return {framework: P.load_predictor(run) for framework, run in runs.items()}
+
+
+# --- predictions on real MNIST test images ---------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_mnist_test_indices_are_predicted(framework, runs, splits, mnist_dir, capsys):
+    """The script's own main(), as the command line calls it, on ten spread-out test images."""
+    _, test = splits
+    digits_right = sums_right = 0
+    for index in CHOSEN:
+        result = P.main(["--run", str(runs[framework]), "--mnist-test-index", str(index), "--json", "--data-dir", str(mnist_dir)])
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == 1 and json.loads(printed[0]) == result
+        # the script pairs each test image with the very number the training runs were scored with
+        assert result["number"] == test.numbers[index] and result["true_digit"] == test.labels[index]
+        assert result["true_sum"] == test.labels[index] + test.numbers[index] and result["framework"] == framework
+        assert 0 <= result["digit"] <= 9 and 0 <= result["sum"] <= 18
+        assert 0.1 <= result["digit_prob"] <= 1 and 1 / 19 <= result["sum_prob"] <= 1  # the argmax of a softmax
+        digits_right += result["digit"] == result["true_digit"]
+        sums_right += result["sum"] == result["true_sum"]
+    # ~97% test accuracy after one epoch: one miss in ten is allowed, chance would be ~1 in 10.
+    assert digits_right >= 9, digits_right
+    if framework == "jax":  # the "digit" design's sums are ~96% right after one epoch
+        assert sums_right >= 9, sums_right
+
+
+def test_number_overrides_the_test_sets_number(runs, splits, mnist_dir, capsys):
+    _, test = splits
+    index = 0
+    number = (int(test.numbers[index]) + 5) % 10
+    result = P.main(["--run", str(runs["jax"]), "--mnist-test-index", str(index), "--number", str(number), "--json",
+                     "--data-dir", str(mnist_dir)])
+    capsys.readouterr()
+    assert result["number"] == number and result["true_sum"] == test.labels[index] + number
+    assert result["digit"] == test.labels[index] and result["sum"] == test.labels[index] + number  # image 0 is a clear 7
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_command_line_end_to_end(framework, runs, splits, mnist_dir, tmp_path):
+    """The real process: --json prints exactly one JSON object; text mode prints the answer."""
+    _, test = splits
+    index = 1000
+    result = predict_cli("--run", runs[framework], "--mnist-test-index", index, "--json", "--data-dir", mnist_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # nothing from Orbax, absl, XLA or torch leaks through
+    payload = json.loads(result.stdout)  # fails on anything but one JSON document
+    assert result.stdout.count("\n") == 1
+    assert set(payload) == {"digit", "digit_prob", "sum", "sum_prob", "number", "framework", "index", "true_digit", "true_sum"}
+    assert payload["framework"] == framework and payload["digit"] == test.labels[index] == payload["true_digit"]
+
+    image = tmp_path / "digit.jpg"  # a real test image, dark on light, enlarged, as an RGB JPEG
+    Image.fromarray(255 - test.images[index]).resize((200, 200), Image.Resampling.BICUBIC).convert("RGB").save(image, quality=90)
+    text = predict_cli("--run", runs[framework], "--image", image, "--number", 3)
+    assert text.returncode == 0, text.stderr
+    assert f"digit   {test.labels[index]} " in text.stdout and "number  3" in text.stdout and f"({framework}, step 468)" in text.stdout  # 60,000 // 128 steps
+
+
+def _variants(image: np.ndarray, folder: Path, i: int) -> dict[str, Path]:
+    """One MNIST test image saved the ways a user might hand it over."""
+    files = {"png28": folder / f"{i}.png", "png200": folder / f"{i}_200.png", "inverted": folder / f"{i}_inv.png",
+             "rgb_jpeg": folder / f"{i}.jpg", "rgba": folder / f"{i}_rgba.png"}
+    Image.fromarray(image).save(files["png28"])
+    big = Image.fromarray(image).resize((200, 200), Image.Resampling.BICUBIC)
+    big.save(files["png200"])
+    Image.fromarray(255 - np.asarray(big)).save(files["inverted"])  # dark ink on white paper
+    Image.fromarray(255 - np.asarray(big)).convert("RGB").save(files["rgb_jpeg"], quality=90)
+    alpha = Image.fromarray(np.asarray(big))  # black strokes on a transparent canvas
+    rgba = Image.new("RGBA", big.size, (0, 0, 0, 0))
+    rgba.putalpha(alpha)
+    rgba.save(files["rgba"])
+    return files
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_image_files_give_the_digit_of_the_raw_test_image(framework, predictors, splits, tmp_path):
+    _, test = splits
+    indices = np.arange(0, 10_000, 250)  # 40 images
+    predictor = predictors[framework]
+    raw = predictor(test.images[indices], test.numbers[indices])[0].argmax(axis=1)
+    assert (raw == test.labels[indices]).mean() >= 0.9  # the run itself is ~97% right
+    files = [_variants(test.images[i], tmp_path, i) for i in indices]
+    for kind in files[0]:
+        prepared = np.stack([load_image(f[kind]) for f in files])
+        assert prepared.shape == (len(indices), 28, 28) and prepared.dtype == np.uint8
+        agree = (predictor(prepared, test.numbers[indices])[0].argmax(axis=1) == raw).mean()
+        # A 28x28 PNG comes back nearly pixel for pixel (test below), so at most one borderline
+        # image may flip; enlarging to 200 px and shrinking back blurs strokes a little
+        # (measured: 97-100% agreement), so 90% leaves room without hiding a broken pipeline
+        # (a wrong polarity or centring drops agreement to chance, ~10%).
+        assert agree >= (0.97 if kind == "png28" else 0.9), (kind, agree)
+
+
+# --- bad input: one line on stderr, exit code 2 --------------------------------
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims `width` x `height` (only the header: decoding it would fail)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def _bad_image(kind: str, folder: Path, splits) -> Path:
+    path = folder / f"{kind}.png"
+    if kind == "missing":
+        return path
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "not_an_image":
+        path.write_text("a digit, honestly\n")
+    elif kind == "truncated":
+        buffer = folder / "whole.png"
+        Image.fromarray(splits[1].images[0]).resize((300, 300)).save(buffer)
+        path.write_bytes(buffer.read_bytes()[:2000])
+    elif kind == "empty_white":
+        Image.new("RGB", (120, 90), (255, 255, 255)).save(path)
+    elif kind == "empty_gray_jpeg":
+        path = folder / "gray.jpg"
+        Image.new("L", (64, 64), 140).save(path, quality=90)
+    elif kind == "enormous":  # 64 MP: over the script's own 50 MP limit
+        _png_header(path, 8000, 8000)
+    elif kind == "bomb":  # 400 MP: over Pillow's own DecompressionBombError limit
+        _png_header(path, 20000, 20000)
+    return path
+
+
+BAD_IMAGES = {
+    "missing": "no such file",
+    "directory": "not a file",
+    "not_an_image": "not an image",
+    "truncated": "cannot decode",
+    "empty_white": "no digit found",
+    "empty_gray_jpeg": "no digit found",
+    "enormous": "too large",
+    "bomb": "too large",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_bad_image_is_one_line(kind, runs, splits, tmp_path):
+    path = _bad_image(kind, tmp_path, splits)
+    assert_one_line_error(predict_cli("--run", runs["jax"], "--image", path, "--number", 3), str(path), BAD_IMAGES[kind])
+    with pytest.raises(UserError, match=BAD_IMAGES[kind]):
+        load_image(path)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--number", "10"], "--number: must be from 0 to 9"),
+    (["--number", "-1"], "--number: must be from 0 to 9"),
+    (["--number", "2.5"], "--number: must be an integer"),
+    (["--number", "seven"], "--number: must be an integer"),
+    ([], "--number N is required with --image"),
+])
+def test_bad_number_is_one_line(args, fragment, runs, splits, tmp_path):
+    image = tmp_path / "digit.png"
+    Image.fromarray(splits[1].images[0]).save(image)
+    assert_one_line_error(predict_cli("--run", runs["jax"], "--image", image, *args), fragment)
+
+
+@pytest.mark.parametrize("index", ["10000", "-1", "3.5"])
+def test_bad_test_index_is_one_line(index, runs):
+    assert_one_line_error(predict_cli("--run", runs["torch"], "--mnist-test-index", index), "--mnist-test-index")
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def _edit_config(run: Path, **changes) -> None:
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"].update(changes)
+    (run / "config.json").write_text(json.dumps(saved))
+
+
+def _garble(path: Path, keep: int | None) -> None:
+    """Truncates `path` to `keep` bytes, or (None) replaces it with random bytes."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep is not None else np.random.default_rng(0).bytes(max(len(data), 64)))
+
+
+def _state_files(run: Path) -> list[Path]:
+    latest = max((p for p in (run / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return sorted(p for p in (latest / "state").rglob("*") if p.is_file())
+
+
+RUN_PROBLEMS = {
+    "missing_dir": "no such directory",
+    "no_config": "config.json: missing",
+    "no_checkpoint": "no checkpoint",
+    "other_shape": "does not match",  # config.json says conv2=64, the weights have 16 channels
+    "other_design": "does not match",  # config.json says the other design: the heads' shapes differ
+    "truncated": "corrupted checkpoint",
+    "garbage": "corrupted checkpoint",
+}
+
+
+@pytest.mark.parametrize("problem", RUN_PROBLEMS)
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_bad_run_is_one_line(framework, problem, runs, tmp_path, mnist_dir):
+    run = _copy_run(runs[framework], tmp_path)
+    if problem == "missing_dir":
+        shutil.rmtree(run)
+    elif problem == "no_config":
+        (run / "config.json").unlink()
+    elif problem == "no_checkpoint":
+        shutil.rmtree(run / "checkpoints") if framework == "jax" else (run / "checkpoint.pt").unlink()
+    elif problem == "other_shape":
+        _edit_config(run, conv2=64)
+    elif problem == "other_design":
+        _edit_config(run, design="flatten" if RUNS[framework][1][1] == "digit" else "digit")
+    elif framework == "torch":
+        _garble(run / "checkpoint.pt", keep=3000 if problem == "truncated" else None)
+    else:  # Orbax: every file of the saved state cut short, or overwritten with noise
+        for path in _state_files(run):
+            _garble(path, keep=len(path.read_bytes()) // 3 if problem == "truncated" else None)
+    result = predict_cli("--run", run, "--mnist-test-index", 5, "--json", "--data-dir", mnist_dir)
+    assert_one_line_error(result, RUN_PROBLEMS[problem])
+
+
+def test_garbled_array_data_alone_is_caught(runs, tmp_path, mnist_dir):
+    """Only the array chunks damaged (Orbax's metadata intact): still one line, not a traceback."""
+    run = _copy_run(runs["jax"], tmp_path)
+    chunks = [p for p in _state_files(run) if p.parent.name == "d"]
+    assert chunks
+    for path in chunks:
+        _garble(path, keep=len(path.read_bytes()) // 2)
+    assert_one_line_error(predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir), "corrupted checkpoint")
+
+
+# --- common/images.py -------------------------------------------------------------
+
+
+def _blob(height: int, width: int, box: tuple[int, int, int, int], ink: int = 255, paper: int = 0) -> np.ndarray:
+    a = np.full((height, width), paper, np.uint8)
+    top, left, bottom, right = box
+    a[top:bottom, left:right] = ink
+    return a
+
+
+def _ink_box(a: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.nonzero(a.any(axis=1))[0], np.nonzero(a.any(axis=0))[0]
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def test_ink_is_scaled_to_20_pixels_and_centred_by_mass():
+    # an "L" shape far off-centre on a wide canvas: its mass is not at its box's centre
+    a = _blob(300, 500, (20, 400, 180, 430))
+    a[150:180, 400:480] = 255
+    out = prepare(a)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert max(_ink_box(out)) == 20
+    cy, cx = center_of_mass(out.astype(float))
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # placed by whole pixels, as MNIST's were
+    box_rows = np.nonzero(out.any(axis=1))[0]
+    assert abs((box_rows[0] + box_rows[-1]) / 2 - 14) > 1  # by mass, not by the box's centre
+
+
+def test_aspect_ratio_is_kept():
+    out = prepare(_blob(400, 400, (50, 100, 250, 150)))  # 200 tall, 50 wide
+    height, width = _ink_box(out)
+    assert height == 20 and width == 5
+
+
+def test_polarity_is_detected_from_the_border():
+    light_on_dark = prepare(_blob(100, 80, (10, 20, 70, 35), ink=250, paper=10))
+    dark_on_light = prepare(_blob(100, 80, (10, 20, 70, 35), ink=10, paper=250))
+    np.testing.assert_array_equal(light_on_dark, dark_on_light)
+    assert light_on_dark.max() == 255 and light_on_dark[0].max() == 0  # ink bright, background black, as in MNIST
+
+
+def test_mnist_images_come_back_nearly_unchanged(splits, tmp_path):
+    """MNIST's own digits already are what `prepare` makes: 20 px boxes centred by mass."""
+    _, test = splits
+    for i in range(0, 10_000, 500):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(test.images[i]).save(path)
+        out = load_image(path)
+        # mean absolute change in gray levels (0..255): resampling a 20 px box to 20 px is
+        # exact, only MNIST's faint edge pixels and the max stretched to 255 differ a little
+        assert np.abs(out.astype(float) - test.images[i]).mean() < 3.0, i
+        for mine, theirs in zip(center_of_mass(out.astype(float)), center_of_mass(test.images[i].astype(float))):
+            assert abs(mine - theirs) < 0.5, i
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16", "1"])
+def test_every_mode_gives_the_same_digit(mode, splits, tmp_path):
+    _, test = splits
+    digit = np.asarray(Image.fromarray(test.images[7]).resize((84, 84), Image.Resampling.BICUBIC))
+    reference = prepare(digit)
+    image = Image.fromarray(digit)
+    if mode == "I;16":
+        image = Image.fromarray(digit.astype(np.uint16) * 257)  # 16-bit gray, full range
+    elif mode == "1":
+        image = image.point(lambda v: 255 if v > 127 else 0).convert("1")
+    else:
+        image = image.convert(mode)
+    path = tmp_path / f"digit_{mode.replace(';', '')}.png"
+    image.save(path)
+    out = load_image(path)
+    if mode == "1":  # thresholded to black and white: the same shape, harder edges
+        assert np.abs(out.astype(float) - reference).mean() < 15
+    else:
+        assert np.abs(out.astype(float) - reference).mean() < 1.0, mode
+
+
+def test_transparent_canvas_with_dark_strokes(splits):
+    _, test = splits
+    digit = test.images[3]
+    rgba = np.zeros((28, 28, 4), np.uint8)  # black strokes, transparency elsewhere
+    rgba[..., 3] = digit
+    out = prepare(to_gray(Image.fromarray(rgba, "RGBA")))
+    assert np.abs(out.astype(float) - prepare(digit)).mean() < 1.0
+
+
+def test_a_large_photo_sized_image_works(tmp_path):
+    # 12 MP, a dark bar on light paper: decoded at reduced scale and shrunk before any float work
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(_blob(3000, 4000, (600, 1800, 2200, 2200), ink=30, paper=220)).convert("RGB").save(path, quality=90)
+    out = load_image(path)
+    assert _ink_box(out) == (20, 5)
+    cy, cx = center_of_mass(out.astype(float))
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    side = int(MAX_PIXELS ** 0.5) + 10
+    with pytest.raises(UserError, match="too large"):
+        load_image(_png_header(tmp_path / "big.png", side, side))
+
+
+# --- common/plots.py --------------------------------------------------------------
+
+
+def test_confusion_matrix_counts():
+    y_true = np.array([0, 0, 1, 2, 2, 2])
+    y_pred = np.array([0, 1, 1, 2, 0, 2])
+    m = plots.confusion_matrix(y_true, y_pred, 3)
+    np.testing.assert_array_equal(m, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    assert m.sum() == len(y_true)
+    with pytest.raises(ValueError):
+        plots.confusion_matrix([0, 3], [0, 1], 3)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_plots_write_pngs(splits, tmp_path):
+    _, test = splits
+    rng = np.random.default_rng(0)
+    labels, numbers = test.labels[:500], test.numbers[:500]
+    digit_pred = np.where(rng.random(500) < 0.9, labels, rng.integers(0, 10, 500))
+    sum_pred = np.where(rng.random(500) < 0.8, labels + numbers, rng.integers(0, 19, 500))
+    written = [
+        plots.plot_confusion(plots.confusion_matrix(labels, digit_pred, 10), range(10), "digit", tmp_path / "digits.png"),
+        plots.plot_confusion(plots.confusion_matrix(labels + numbers, sum_pred, 19), range(19), "sum", tmp_path / "sums.png"),
+        plots.plot_samples(test.images[:500], numbers, digit_pred, sum_pred, labels, tmp_path / "samples.png", n=32),
+    ]
+    for path in written:
+        width, height = _png_size(path)
+        assert 300 <= width <= 1200 and 300 <= height <= 1200, (path.name, width, height)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.png", "samples.png", "sums.png"]  # no temp files left
