@@ -16,7 +16,7 @@ from tqdm import tqdm
 from common import data as D
 from common.config import Config, ConfigError
 from common.metrics import score
-from common.runlog import RunLog
+from common.runlog import RunLog, plot_predictions
 
 
 class Trainer(Protocol):
@@ -84,10 +84,12 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
                         tqdm.write(f"interrupted: saved epoch {epoch}, step {len(losses)}; continue with --resume {log.dir}")
                         raise KeyboardInterrupt
             train_loss = float(np.mean(losses))
-            metrics = {"epoch": epoch, "train_loss": train_loss,
-                       **score(*trainer.predict(test.images, test.numbers), test.labels, test.numbers),
+            logits = trainer.predict(test.images, test.numbers)
+            metrics = {"epoch": epoch, "train_loss": train_loss, **score(*logits, test.labels, test.numbers),
                        "epoch_time_s": time.perf_counter() - start}
             log.log_epoch(metrics)
+            if epoch == epochs:
+                plot_predictions(log.dir, test, *logits)
             trainer.save(epoch * per_epoch, {"epoch": epoch + 1, "step": 0, "losses": []})
             history.append(metrics)
             tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {metrics['test_loss']:.4f}  "

@@ -8,6 +8,8 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
+
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "epoch_time_s")
 
 
@@ -43,6 +45,18 @@ class RunLog:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         plot_curves(self.history(), self.dir / "curves.png")
+
+
+def plot_predictions(run_dir: Path, test, digit_logits: np.ndarray, sum_logits: np.ndarray) -> None:
+    """confusion_digit.png, confusion_sum.png and samples.png for the test set's predictions."""
+    from common import plots
+
+    digit_pred, sum_pred = digit_logits.argmax(1), sum_logits.argmax(1)
+    plots.plot_confusion(plots.confusion_matrix(test.labels, digit_pred, 10), range(10), "Digit (test set)",
+                         run_dir / "confusion_digit.png")
+    plots.plot_confusion(plots.confusion_matrix(test.sums, sum_pred, 19), range(19), "Digit + r (test set)",
+                         run_dir / "confusion_sum.png")
+    plots.plot_samples(test.images, test.numbers, digit_pred, sum_pred, test.labels, run_dir / "samples.png")
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
