@@ -27,3 +27,16 @@ def mnist_arrays(mnist_dir) -> dict:
 @pytest.fixture(scope="session")
 def splits(mnist_arrays) -> tuple[D.Split, D.Split]:
     return D.make_splits(mnist_arrays, seed=0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (full training runs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="full training run: opt in with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

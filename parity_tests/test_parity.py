@@ -93,3 +93,28 @@ def test_trajectory_of_200_steps_agrees_in_float64(setup):
     print(f"{cfg.design}: max relative loss difference over 200 steps {r['trajectory_max_rel_loss_diff']:.2e}")
     assert r["trajectory_max_rel_loss_diff"] <= TOL["trajectory_max_rel_loss_diff"]
     assert r["trajectory_final_loss"] < r["trajectory_first_loss"]  # it trained: not two idle copies
+
+
+@pytest.mark.slow
+def test_independent_training_reaches_the_same_accuracy(tmp_path, mnist_dir):
+    """Check 6: each framework from its OWN initialisation, the default recipe, all epochs.
+    `python -m pytest parity_tests -m slow --runslow -s` (about 15 minutes on 2 cores)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    final = {}
+    for framework in ("jax", "torch"):
+        out = tmp_path / framework
+        result = subprocess.run([sys.executable, str(root / "scripts" / f"train_{framework}.py"), "--out", str(out),
+                                 "--data-dir", str(mnist_dir)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        final[framework] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("test_digit_acc", "test_sum_acc"):
+        gap = 100 * abs(final["jax"][key] - final["torch"][key])
+        print(f"{key}: jax {100 * final['jax'][key]:.2f}%  torch {100 * final['torch'][key]:.2f}%  gap {gap:.2f} pp")
+        # 0.3 pp = 30 of 10,000 test images. The initialisations differ by design (Flax lecun-normal,
+        # PyTorch kaiming-uniform), so the two runs are two samples of the same recipe, not copies.
+        assert gap <= 0.3
