@@ -80,7 +80,12 @@ PATHS = [("jax", "train_step"), ("jax", "multi_step_8"), ("torch", "eager"), ("t
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: the latter keeps the parent's peak across fork + exec,
+    # so every child would report the (larger) benchmark process's peak.
+    try:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def device_peak_mb(framework: str) -> float | None:

@@ -59,7 +59,7 @@ class TorchTrainer:
         self.cfg = cfg
         self.model = SumNet(cfg)
         self.opt, self.sched = make_optimizer(cfg, self.model, total_steps)
-        self.images = torch.from_numpy(train_split.images)
+        self.images = torch.tensor(train_split.images)  # a copy: the loaded arrays are read-only
         self.labels = torch.from_numpy(train_split.labels).long()
         self.numbers = torch.from_numpy(train_split.numbers).long()
         self.run_dir = run_dir
