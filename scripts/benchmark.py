@@ -37,8 +37,12 @@ def make_path(framework: str, variant: str, batch_size: int, train):
     """Returns (run(k_steps) -> None that blocks until done, steps per call, flops per step or None)."""
     from common.config import Config
 
-    steps_per_call = int(variant.split("_")[-1]) if variant.startswith("multi_step") else 1
-    cfg = replace(Config(), batch_size=batch_size, steps_per_call=steps_per_call)
+    # "train_step" is exactly what train_jax.py runs (the default steps per call); "single_step"
+    # compiles one step per call, to show what fusing steps buys.
+    cfg = replace(Config(), batch_size=batch_size)
+    if variant == "single_step":
+        cfg = replace(cfg, steps_per_call=1)
+    steps_per_call = cfg.steps_per_call if framework == "jax" else 1
     rng = np.random.default_rng(0)
 
     def batches(k):
@@ -76,7 +80,7 @@ def make_path(framework: str, variant: str, batch_size: int, train):
     return run, 1, None
 
 
-PATHS = [("jax", "train_step"), ("jax", "multi_step_8"), ("torch", "eager"), ("torch", "compile")]
+PATHS = [("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")]
 
 
 def peak_rss_mb() -> float:
