@@ -34,9 +34,10 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Full training runs are opt-in: deselected (and counted as such), never silently skipped."""
     if config.getoption("--runslow"):
         return
-    skip = pytest.mark.skip(reason="full training run: opt in with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
