@@ -38,6 +38,12 @@ class Config:
     dry_run: bool = False
     resume: str | None = None  # RUN_DIR of a stopped run: continue it from its last checkpoint, with its settings
     steps_per_call: int = 8  # training steps fused into one compiled call (JAX): 47 vs 67 ms per step (benchmarks/)
+    # devices, hosts and precision (JAX; checked in jax_impl/distributed.py)
+    devices: int = 0  # data-parallel over the first N devices, the batch split across them (0: all devices)
+    precision: str = "fp32"  # "fp32", or "bf16": bfloat16 compute, float32 parameters and loss
+    coordinator: str | None = None  # HOST:PORT of process 0, to train with several processes (hosts)
+    num_processes: int = 1  # with --coordinator: how many processes take part
+    process_id: int = 0  # with --coordinator: this process's rank, 0 .. num_processes - 1
 
     def validate(self) -> "Config":
         positive = ("epochs", "batch_size", "conv1", "conv2", "hidden", "adder_hidden", "steps_per_call")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -14,9 +16,9 @@ from flax import nnx
 
 from common import data as D
 from common.config import Config
-from common.loop import run_training
+from common.loop import fit, load_splits, run_training, saved_config, steps_per_epoch
 from common.schedule import lr_knots
-from jax_impl import checkpoint
+from jax_impl import checkpoint, distributed
 from jax_impl.model import SumNet
 
 State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
@@ -58,14 +60,36 @@ def loss_fn(model: SumNet, images: jax.Array, numbers: jax.Array, labels: jax.Ar
     return (digit_ce + sum_weight * sum_ce).mean()
 
 
-def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+def bf16_loss_of(graphdef: nnx.GraphDef, params, images: jax.Array, numbers: jax.Array, labels: jax.Array,
+                 smoothing: float, sum_weight: float) -> jax.Array:
+    """loss_fn computed in bfloat16: parameters and images cast to bfloat16 here (the gradient
+    flows back through the cast to the float32 parameters), logits cast back to float32 so the
+    softmax, the cross-entropy and the mean are float32."""
+    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    model = nnx.merge(graphdef, bf16)
+
+    def model_f32_logits(images, numbers):
+        return tuple(logits.astype(jnp.float32) for logits in model(images.astype(jnp.bfloat16), numbers))
+
+    return loss_fn(model_f32_logits, images, numbers, labels, smoothing, sum_weight)
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
     """Returns train(state, dataset, batch_indices (k, b), shifts (k, b, 2) | None) -> (state, losses (k,)),
     compiled once per k.
 
     The model is split once into a static graphdef and a pytree of arrays, so the compiled
     function sees plain pytrees (no per-call NNX graph traversal), and `state` is donated so
     XLA updates parameters and Adam moments in place.
+
+    With a `mesh` (data parallelism): the caller passes the state and dataset replicated and the
+    indices and offsets split along the batch (jax_impl/distributed.py); the same function is
+    compiled for the whole mesh, each device computes its share of the batch, and XLA inserts
+    the all-reduce that makes the mean loss and its gradient global. The state comes back
+    replicated, the update identical on every device.
     """
+    examples = None if mesh is None else distributed.batch_sharding(mesh, 0)
 
     def one_step(state: State, dataset: dict, idx: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
         images = dataset["images"][idx]
@@ -73,15 +97,23 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             images = translate(images, shifts, cfg.shift)
         images = preprocess(images)
         numbers, labels = dataset["numbers"][idx], dataset["labels"][idx]
+        if examples is not None:  # keep the activations split by example (XLA would infer it; this pins it)
+            images, numbers, labels = (jax.lax.with_sharding_constraint(a, examples) for a in (images, numbers, labels))
 
         def loss_of(params):
+            if cfg.precision == "bf16":
+                return bf16_loss_of(graphdef, params, images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
             return loss_fn(nnx.merge(graphdef, params), images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
 
         loss, grads = jax.value_and_grad(loss_of)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
-    @partial(jax.jit, donate_argnums=0)
+    jit = partial(jax.jit, donate_argnums=0)
+    if mesh is not None:
+        jit = partial(jit, out_shardings=distributed.replicated(mesh))  # new state and losses: on every device
+
+    @jit
     def train(state: State, dataset: dict, batch_indices: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
         losses = []
         for k in range(batch_indices.shape[0]):  # unrolled: XLA's CPU convolutions are slow inside loops
@@ -126,22 +158,38 @@ class JaxTrainer:
     """The JAX side of `common.loop.Trainer`: state on the device, one compiled step."""
 
     def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None):
+        self.mesh = distributed.data_mesh(cfg)  # None: one device, the plain path
         graphdef, params = nnx.split(init_model(cfg))
         self.tx = make_optimizer(cfg, total_steps)
         self.state = {"params": params, "opt_state": self.tx.init(params)}
-        self.dataset = {"images": jnp.asarray(train_split.images), "labels": jnp.asarray(train_split.labels),
-                        "numbers": jnp.asarray(train_split.numbers)}
-        self._train = make_train_step(cfg, graphdef, self.tx)
+        if self.mesh is None:
+            self.dataset = {"images": jnp.asarray(train_split.images), "labels": jnp.asarray(train_split.labels),
+                            "numbers": jnp.asarray(train_split.numbers)}
+        else:  # parameters, optimiser state and the training set on every device of the mesh
+            self.state = distributed.replicate(self.state, self.mesh)
+            self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
+                                                  "numbers": train_split.numbers}, self.mesh)
+        self._train = make_train_step(cfg, graphdef, self.tx, self.mesh)
         self._predict = make_predict(graphdef)
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
 
+    def place_batch(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """Indices (k, b) and offsets (k, b, 2) as the step takes them: on the device, or split
+        along b over the mesh (each process sends its slice)."""
+        if self.mesh is None:
+            return jnp.asarray(batch_indices), None if shifts is None else jnp.asarray(shifts)
+        return distributed.shard(batch_indices, self.mesh), None if shifts is None else distributed.shard(shifts, self.mesh)
+
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
-        shifts = None if shifts is None else jnp.asarray(shifts)
-        self.state, losses = self._train(self.state, self.dataset, jnp.asarray(batch_indices), shifts)
+        batch_indices, shifts = self.place_batch(batch_indices, shifts)
+        self.state, losses = self._train(self.state, self.dataset, batch_indices, shifts)
         return np.asarray(losses)
 
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._predict(self.state["params"], images, numbers)
+        """Evaluates on one device (each process on its own first one) with float32 parameters,
+        whatever the mesh and the precision of training."""
+        params = self.state["params"] if self.mesh is None else distributed.local_copy(self.state["params"])
+        return self._predict(params, images, numbers)
 
     def save(self, global_step: int, position: dict) -> None:
         if self.ckpt:
@@ -158,6 +206,52 @@ class JaxTrainer:
             self.ckpt.wait_until_finished()  # Orbax saves in the background
 
 
+class _NoLog:
+    """RunLog's interface, writing nothing: for the processes other than 0 of a multi-process run."""
+
+    def __init__(self, scratch: Path):
+        self.dir = scratch  # fit() may still draw into log.dir: a folder deleted afterwards
+
+    def truncate(self, epochs: int) -> None:
+        pass
+
+    def history(self) -> list[dict]:
+        return []
+
+    def log_epoch(self, metrics: dict) -> None:
+        pass
+
+
+def _run_without_outputs(cfg: Config, make_trainer: Callable, steps_per_call: int) -> list[dict]:
+    """run_training for processes 1.. of a multi-process run: the same steps in lockstep with
+    process 0 (each feeding its slice of every batch) and their part of every checkpoint save
+    (Orbax writes in RUN_DIR), but no config.json, metrics or plots."""
+    resume = cfg.resume is not None
+    if resume:
+        cfg = saved_config(Path(cfg.resume))
+    train, test = load_splits(cfg)
+    total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
+    trainer = make_trainer(cfg, train, total_steps, Path(cfg.out))
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            return fit(cfg, trainer, train, test, _NoLog(Path(scratch)), steps_per_call, resume=resume)
+    finally:
+        trainer.close()
+
+
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
-    return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call)
+    distributed.check_flags(cfg)
+    distributed.initialize(cfg)  # several processes: join them before anything touches a device
+    # Where to run (devices, processes) is this launch's; what to train, on --resume, the saved run's.
+    launch = {name: getattr(cfg, name) for name in distributed.LAUNCH_FIELDS}
+    recipe = saved_config(Path(cfg.resume)) if cfg.resume is not None else cfg
+    distributed.check_flags(recipe)
+    distributed.data_mesh(replace(recipe, **launch))  # --devices and --batch-size checked before any output
+
+    def make_trainer(run_cfg: Config, *args) -> JaxTrainer:
+        return JaxTrainer(replace(run_cfg, **launch), *args)
+
+    if jax.process_index() == 0:
+        return run_training(cfg, make_trainer, environment(), cfg.steps_per_call)
+    return _run_without_outputs(cfg, make_trainer, cfg.steps_per_call)

@@ -8,6 +8,8 @@ images/s, GFLOP/s (FLOPs per step from XLA's cost analysis of the compiled JAX s
 same count is used for torch, which runs the same math), and peak resident memory
 (each path measured alone in a child process). Also: a matmul ceiling of this machine,
 epoch wall time, and time to reach 99.0% test digit and sum accuracy with the default recipe.
+The JAX step data-parallel over 2 devices ("train_step_2dev", --devices 2; on a CPU, the host
+split in two by XLA_FLAGS) needs its own process: it is timed alone, in a child, after the others.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def make_path(framework: str, variant: str, batch_size: int, train):
     cfg = replace(Config(), batch_size=batch_size)
     if variant == "single_step":
         cfg = replace(cfg, steps_per_call=1)
+    if variant == "train_step_2dev":
+        cfg = replace(cfg, devices=2)
     steps_per_call = cfg.steps_per_call if framework == "jax" else 1
     rng = np.random.default_rng(0)
 
@@ -49,13 +53,11 @@ def make_path(framework: str, variant: str, batch_size: int, train):
         return rng.integers(0, len(train), size=(k, batch_size)), rng.integers(0, 2 * cfg.shift + 1, size=(k, batch_size, 2))
 
     if framework == "jax":
-        import jax.numpy as jnp
-
         from jax_impl.train import JaxTrainer
 
         trainer = JaxTrainer(cfg, train, total_steps=10_000)
         idx, shifts = batches(steps_per_call)
-        compiled = trainer._train.lower(trainer.state, trainer.dataset, jnp.asarray(idx), jnp.asarray(shifts)).compile()
+        compiled = trainer._train.lower(trainer.state, trainer.dataset, *trainer.place_batch(idx, shifts)).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         flops = float(cost.get("flops", 0.0)) / steps_per_call or None
@@ -114,6 +116,44 @@ def probe_memory(spec: str) -> None:
     run(per_call)
     run(10 * per_call)
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "device_peak_mb": device_peak_mb(framework)}))
+
+
+def probe_two_devices(spec: str) -> None:
+    """Child process (started with 2 host devices): compile + warm-up, then `steps` timed steps of
+    train_step_2dev in blocks of 8; prints the step times and peak memory as JSON."""
+    batch, steps = (int(x) for x in spec.split(":"))
+    from common.config import Config
+    from common.loop import load_splits
+
+    train, _ = load_splits(Config())
+    start = time.perf_counter()
+    run, per_call, _ = make_path("jax", "train_step_2dev", batch, train)
+    run(per_call)
+    compile_s = time.perf_counter() - start
+    run(2 * per_call)
+    times, rounds = [], max(1, steps // 8)
+    for _ in range(rounds):
+        t = _timed(lambda: run(8))
+        times.extend([t / 8] * (8 // per_call))
+    print(json.dumps({"compile_s": compile_s, "times": times, "steps": 8 * rounds, "peak_rss_mb": peak_rss_mb(),
+                      "device_peak_mb": device_peak_mb("jax")}))
+
+
+def two_devices_row(batch: int, steps: int, flops: float | None) -> dict:
+    """The train_step_2dev row, measured in a child whose XLA sees the host as 2 devices."""
+    row = {"framework": "jax", "variant": "train_step_2dev", "batch_size": batch}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()}
+    out = subprocess.run([sys.executable, __file__, "--probe-two-devices", f"{batch}:{steps}"], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return {**row, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    times = np.asarray(child["times"])
+    median = float(np.median(times))
+    return {**row, "steps_measured": child["steps"], "compile_s": child["compile_s"], "step_ms_median": 1e3 * median,
+            "step_ms_p10": 1e3 * float(np.percentile(times, 10)), "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+            "images_per_s": batch / median, "gflops_per_s": flops / median / 1e9 if flops else None,
+            "flops_per_step": flops, "peak_rss_mb": child["peak_rss_mb"], "device_peak_mb": child["device_peak_mb"]}
 
 
 def child_memory(framework: str, variant: str, batch: int) -> dict:
@@ -201,6 +241,7 @@ def bench_steps(batch_sizes: list[int], steps: int, train, with_memory: bool) ->
             if with_memory:
                 row.update(child_memory(framework, variant, batch))
             results.append(row)
+        results.append(two_devices_row(batch, rounds * block, flops))
     return results
 
 
@@ -300,9 +341,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: one batch size, few steps, no memory probes, short epochs")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for the time-to-accuracy run (default: the recipe's epochs)")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_memory:
         return probe_memory(args.probe_memory)
+    if args.probe_two_devices:
+        return probe_two_devices(args.probe_two_devices)
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
