@@ -98,6 +98,12 @@ def test_bad_flags_give_one_line_and_exit_2(args, message, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_the_torch_reference_refuses_jax_only_flags(tmp_path):
+    result = run_script("--precision", "bf16", "--dry-run", "--out", str(tmp_path / "run"), script="train_torch.py")
+    assert result.returncode == 2
+    assert "for train_jax.py" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_corrupted_data_file_gives_one_line_and_exit_2(mnist_dir, tmp_path):
     from tests.test_data import copy_mnist, rewrite
 

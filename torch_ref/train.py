@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common import data as D
-from common.config import Config
+from common.config import Config, ConfigError
 from common.loop import run_training
 from common.schedule import lr_at, lr_knots
 from torch_ref.model import SumNet
@@ -109,4 +109,7 @@ class TorchTrainer:
 
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
+    if cfg.devices > 1 or cfg.precision != "fp32" or cfg.coordinator:
+        raise ConfigError("--devices, --precision and --coordinator are for train_jax.py; the PyTorch reference "
+                          "runs on one device in float32")
     return run_training(cfg, TorchTrainer, environment())
