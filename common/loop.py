@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from common import data as D
 from common.config import Config, ConfigError
 from common.metrics import score
-from common.runlog import RunLog, plot_predictions
+from common.runlog import NullLog, RunLog, plot_predictions
 
 
 class Trainer(Protocol):
@@ -108,20 +109,24 @@ def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.nd
     return batches, shifts
 
 
-def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: int = 1) -> list[dict]:
+def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: int = 1,
+                 write_outputs: bool = True) -> list[dict]:
     """Everything a training script does, for either framework: data, run directory,
-    trainer (`make_trainer(cfg, train_split, total_steps, run_dir)`), resume, the loop."""
+    trainer (`make_trainer(cfg, train_split, total_steps, run_dir)`), resume, the loop.
+    `write_outputs=False` (processes 1.. of a multi-process run): the same steps and checkpoint
+    saves, but no config.json, metrics or plots (those are drawn into a scratch folder)."""
     resume = cfg.resume is not None
     if resume:
         cfg = saved_config(Path(cfg.resume))
     train, test = load_splits(cfg)
     total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
-    log = RunLog(cfg.out, cfg.to_dict(), environment, fresh=not resume)
-    trainer = make_trainer(cfg, train, total_steps, log.dir)
-    try:
-        return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
-    finally:
-        getattr(trainer, "close", lambda: None)()
+    with tempfile.TemporaryDirectory() as scratch:
+        log = RunLog(cfg.out, cfg.to_dict(), environment, fresh=not resume) if write_outputs else NullLog(Path(scratch))
+        trainer = make_trainer(cfg, train, total_steps, Path(cfg.out))
+        try:
+            return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
+        finally:
+            getattr(trainer, "close", lambda: None)()
 
 
 def saved_config(run_dir: Path) -> Config:

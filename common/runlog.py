@@ -47,6 +47,22 @@ class RunLog:
         plot_curves(self.history(), self.dir / "curves.png")
 
 
+class NullLog:
+    """RunLog's interface, writing nothing (processes other than 0 of a multi-process run)."""
+
+    def __init__(self, scratch: Path):
+        self.dir = scratch  # the loop still draws its final plots into log.dir
+
+    def truncate(self, epochs: int) -> None:
+        pass
+
+    def history(self) -> list[dict]:
+        return []
+
+    def log_epoch(self, metrics: dict) -> None:
+        pass
+
+
 def plot_predictions(run_dir: Path, test, digit_logits: np.ndarray, sum_logits: np.ndarray) -> None:
     """confusion_digit.png, confusion_sum.png and samples.png for the test set's predictions."""
     from common import plots

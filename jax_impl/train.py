@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -16,7 +15,7 @@ from flax import nnx
 
 from common import data as D
 from common.config import Config
-from common.loop import fit, load_splits, run_training, saved_config, steps_per_epoch
+from common.loop import run_training, saved_config
 from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed
 from jax_impl.model import SumNet
@@ -206,39 +205,6 @@ class JaxTrainer:
             self.ckpt.wait_until_finished()  # Orbax saves in the background
 
 
-class _NoLog:
-    """RunLog's interface, writing nothing: for the processes other than 0 of a multi-process run."""
-
-    def __init__(self, scratch: Path):
-        self.dir = scratch  # fit() may still draw into log.dir: a folder deleted afterwards
-
-    def truncate(self, epochs: int) -> None:
-        pass
-
-    def history(self) -> list[dict]:
-        return []
-
-    def log_epoch(self, metrics: dict) -> None:
-        pass
-
-
-def _run_without_outputs(cfg: Config, make_trainer: Callable, steps_per_call: int) -> list[dict]:
-    """run_training for processes 1.. of a multi-process run: the same steps in lockstep with
-    process 0 (each feeding its slice of every batch) and their part of every checkpoint save
-    (Orbax writes in RUN_DIR), but no config.json, metrics or plots."""
-    resume = cfg.resume is not None
-    if resume:
-        cfg = saved_config(Path(cfg.resume))
-    train, test = load_splits(cfg)
-    total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
-    trainer = make_trainer(cfg, train, total_steps, Path(cfg.out))
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            return fit(cfg, trainer, train, test, _NoLog(Path(scratch)), steps_per_call, resume=resume)
-    finally:
-        trainer.close()
-
-
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
     distributed.check_flags(cfg)
@@ -252,6 +218,4 @@ def run(cfg: Config) -> list[dict]:
     def make_trainer(run_cfg: Config, *args) -> JaxTrainer:
         return JaxTrainer(replace(run_cfg, **launch), *args)
 
-    if jax.process_index() == 0:
-        return run_training(cfg, make_trainer, environment(), cfg.steps_per_call)
-    return _run_without_outputs(cfg, make_trainer, cfg.steps_per_call)
+    return run_training(cfg, make_trainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0)
