@@ -8,6 +8,7 @@ Why these tolerances (float32 throughout, machine epsilon 1.2e-7):
 - loss 1e-6 relative: a mean over the batch of values ~0.05-5, a few ulps.
 - gradients 1e-5 relative to the largest entry of each tensor: backward sums run over the
   whole batch (128 x 28 x 28 positions for conv1), so rounding grows with the sum's length.
+  Examples with a unit within rounding of relu's kink are set apart (see `near_relu_kink`).
 - one update 1e-6 absolute: Adam's first step moves each weight by ~lr * sign(g), so the
   update's size is set by lr (<= 2e-3) and its error by float32 rounding of m / sqrt(v);
   entries whose gradient is near Adam's eps are set apart (see `one_update`).
@@ -37,6 +38,7 @@ from common.loop import epoch_plan
 from jax_impl import train as jtrain
 from parity_tests.convert import flax_to_torch, torch_to_flax
 from torch_ref import train as ttrain
+from torch_ref.model import SumNet as TorchSumNet
 
 TOLERANCES = {
     "logits_max_abs_diff": 1e-5,
@@ -142,8 +144,40 @@ def _jax_loss_and_grads(cfg: Config, params: dict, images: np.ndarray, numbers: 
     return float(loss), jax.tree.map(np.asarray, grads.to_pure_dict())
 
 
+KINK_MARGIN = 1e-5  # relative to the layer's largest |pre-activation|: 30x float32's error there (3e-7 measured)
+
+
+def near_relu_kink(cfg: Config, params: dict, images: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+    """Which examples have a pre-activation within float32 rounding of relu's kink at 0.
+
+    Such a unit is on in one computation and off in another, equally correct one: one unit
+    at 3e-7 (float64) came out -1.3e-8 in JAX's float32 and switched its gradient off, moving
+    conv2's kernel gradient by 1.2% of its largest entry. Measured in float64 with forward
+    hooks on the torch model: relu reads the pooled conv outputs, fc's output and the adder's.
+    """
+    with float64():
+        model = TorchSumNet(cfg)
+        model.load_state_dict(flax_to_torch(params, model.state_dict()))
+        taken = []
+        pool = lambda out: torch.nn.functional.max_pool2d(out, 2)  # noqa: E731  relu(pool(x)) == pool(relu(x))
+        for name in ("conv1", "conv2", "fc", "adder"):
+            if hasattr(model, name):
+                post = pool if name.startswith("conv") else (lambda out: out)
+                getattr(model, name).register_forward_hook(lambda m, i, out, post=post: taken.append(post(out)))
+        with torch.no_grad():
+            model(ttrain.preprocess(torch.from_numpy(images)), torch.from_numpy(numbers).long())
+    near = np.zeros(len(images), bool)
+    for pre in taken:
+        pre = pre.flatten(1).numpy()
+        near |= (np.abs(pre) < KINK_MARGIN * np.abs(pre).max()).any(axis=1)
+    return near
+
+
 def loss_and_grads(pair: Pair, train: D.Split, idx: np.ndarray) -> dict:
-    """Loss and every parameter's gradient on one real batch, compared in Flax layout."""
+    """Loss and every parameter's gradient on one real batch, compared in Flax layout.
+    Examples with a unit at relu's kink (`near_relu_kink`) are set apart and counted."""
+    near = near_relu_kink(pair.cfg, pair.jax_params(), train.images[idx], train.numbers[idx])
+    idx = idx[~near]
     images, numbers, labels = train.images[idx], train.numbers[idx], train.labels[idx]
     j_loss, j_grads = _jax_loss_and_grads(pair.cfg, pair.jax_params(), images, numbers, labels)
     model = pair.torch.model
@@ -155,7 +189,8 @@ def loss_and_grads(pair: Pair, train: D.Split, idx: np.ndarray) -> dict:
     per_param = {f"{layer}.{kind}": max_rel(j_grads[layer][kind], t_grads[layer][kind])
                  for layer in j_grads for kind in j_grads[layer]}
     return {"loss_rel_diff": abs(j_loss - t_loss.item()) / abs(t_loss.item()),
-            "grad_max_rel_diff": max(per_param.values()), "grad_rel_diff_per_param": per_param}
+            "grad_max_rel_diff": max(per_param.values()), "grad_rel_diff_per_param": per_param,
+            "examples_compared": int(len(idx)), "examples_near_relu_kink": int(near.sum())}
 
 
 ADAM_EPS = 1e-8
