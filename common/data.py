@@ -196,10 +196,60 @@ def numbers_for(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 10, size=n, dtype=np.int32)
 
 
-def make_splits(arrays: dict[str, np.ndarray], seed: int) -> tuple[Split, Split]:
-    train = Split(arrays["train_images"], arrays["train_labels"].astype(np.int32), numbers_for(COUNTS["train"], seed))
+def make_splits(arrays: dict[str, np.ndarray], seed: int, held_out: frozenset = frozenset()) -> tuple[Split, Split]:
+    """Pairs every image with a number r. Training examples whose (digit, r) is `held_out` get
+    another r, drawn from the digit's remaining ones, so no held-out pair is ever trained on
+    and the training set keeps all 60,000 images. The test set keeps every pair."""
+    labels = arrays["train_labels"].astype(np.int32)
+    numbers = numbers_for(COUNTS["train"], seed)
+    if held_out:
+        numbers = redraw_held_out(labels, numbers, held_out, seed)
+    train = Split(arrays["train_images"], labels, numbers)
     test = Split(arrays["test_images"], arrays["test_labels"].astype(np.int32), numbers_for(COUNTS["test"], TEST_NUMBERS_SEED))
     return train, test
+
+
+# --- held-out (digit, r) pairs: does the network learn addition? --------
+
+HOLDOUT_SEED = 1234  # which pairs: fixed, so every design and seed is tested on the same unseen ones
+
+
+def _covers_everything(pairs: set) -> bool:
+    return ({d for d, _ in pairs} == set(range(NUM_DIGITS)) and {r for _, r in pairs} == set(range(NUM_DIGITS))
+            and {d + r for d, r in pairs} == set(range(NUM_SUMS)))
+
+
+def holdout_pairs(k: int) -> frozenset:
+    """K (digit, r) pairs to keep out of training: taken in a fixed random order, skipping any
+    whose removal would leave a digit, an r or a sum (0..18) without a training pair, so every
+    output class is still trained and only the combination is new. (0, 0) and (9, 9) are the
+    only pairs for the sums 0 and 18, so they are never held out."""
+    kept = {(d, r) for d in range(NUM_DIGITS) for r in range(NUM_DIGITS)}
+    held: list[tuple[int, int]] = []
+    for i in np.random.default_rng(HOLDOUT_SEED).permutation(NUM_DIGITS * NUM_DIGITS):
+        if len(held) == k:
+            break
+        pair = divmod(int(i), NUM_DIGITS)
+        if _covers_everything(kept - {pair}):
+            kept.discard(pair)
+            held.append(pair)
+    if len(held) < k:
+        raise DataError(f"only {len(held)} pairs can be held out with every digit, r and sum still trained, not {k}")
+    return frozenset(held)
+
+
+def redraw_held_out(labels: np.ndarray, numbers: np.ndarray, held_out: frozenset, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 2])
+    numbers = numbers.copy()
+    for digit in range(NUM_DIGITS):
+        allowed = np.array([r for r in range(NUM_DIGITS) if (digit, r) not in held_out], np.int32)
+        redo = (labels == digit) & np.isin(numbers, [r for d, r in held_out if d == digit])
+        numbers[redo] = rng.choice(allowed, size=int(redo.sum()))
+    return numbers
+
+
+def is_held_out(labels: np.ndarray, numbers: np.ndarray, held_out: frozenset) -> np.ndarray:
+    return np.array([(int(d), int(r)) in held_out for d, r in zip(labels, numbers)], bool)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:

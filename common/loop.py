@@ -64,6 +64,8 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
     position = (trainer.restore() if resume else None) or {"epoch": 1, "step": 0, "losses": []}
     log.truncate(position["epoch"] - 1)  # epochs logged after the checkpoint are redone
     history = log.history()
+    held_out = D.holdout_pairs(cfg.holdout_pairs)
+    unseen = D.is_held_out(test.labels, test.numbers, held_out) if held_out else None
     with StopOnCtrlC() as ctrl_c:
         for epoch in range(position["epoch"], epochs + 1):
             start = time.perf_counter()
@@ -85,9 +87,10 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
                         tqdm.write(f"interrupted: saved epoch {epoch}, step {len(losses)}; continue with --resume {log.dir}")
                         raise KeyboardInterrupt
             train_loss = float(np.mean(losses))
+            train_time = time.perf_counter() - start  # steps only (compilation included), not the evaluation
             logits = trainer.predict(test.images, test.numbers)
-            metrics = {"epoch": epoch, "train_loss": train_loss, **score(*logits, test.labels, test.numbers),
-                       "epoch_time_s": time.perf_counter() - start}
+            metrics = {"epoch": epoch, "train_loss": train_loss, **score(*logits, test.labels, test.numbers, unseen),
+                       "train_time_s": train_time, "epoch_time_s": time.perf_counter() - start}
             log.log_epoch(metrics)
             if epoch == epochs:
                 plot_predictions(log.dir, test, *logits)
@@ -95,7 +98,8 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
             history.append(metrics)
             tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {metrics['test_loss']:.4f}  "
                        f"digit {100 * metrics['test_digit_acc']:.2f}%  sum {100 * metrics['test_sum_acc']:.2f}%  "
-                       f"{metrics['epoch_time_s']:.1f}s")
+                       + (f"(unseen pairs {100 * metrics['test_sum_acc_unseen']:.2f}%)  " if held_out else "")
+                       + f"{metrics['epoch_time_s']:.1f}s")
             if ctrl_c.pressed and epoch < epochs:
                 tqdm.write(f"interrupted: saved the end of epoch {epoch}; continue with --resume {log.dir}")
                 raise KeyboardInterrupt
@@ -139,7 +143,7 @@ def saved_config(run_dir: Path) -> Config:
 
 
 def load_splits(cfg: Config) -> tuple[D.Split, D.Split]:
-    train, test = D.make_splits(D.load_mnist(D.locate(cfg.data_dir)), cfg.seed)
+    train, test = D.make_splits(D.load_mnist(D.locate(cfg.data_dir)), cfg.seed, D.holdout_pairs(cfg.holdout_pairs))
     if cfg.dry_run:
         test = D.Split(test.images[:500], test.labels[:500], test.numbers[:500])
     return train, test

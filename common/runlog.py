@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "epoch_time_s")
+METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "train_time_s", "epoch_time_s")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -74,7 +74,7 @@ def test_dry_run_writes_every_output(tmp_path, mnist_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["dry_run"] is True and config["environment"]["jax"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert set(metrics[0]) >= {"epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "epoch_time_s"}
+    assert set(metrics[0]) >= {"epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "train_time_s", "epoch_time_s"}
     for plot in ("curves", "confusion_digit", "confusion_sum", "samples"):
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoints" / "5").is_dir()  # Orbax steps count training steps: a dry run makes 5

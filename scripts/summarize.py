@@ -1,0 +1,74 @@
+"""Summarise finished runs (one per seed) as one results row: mean and spread of the final test
+accuracies, training time, and the time to reach 99.0% test digit AND sum accuracy.
+
+    python scripts/summarize.py runs/best-0 runs/best-1 runs/best-2
+    python scripts/summarize.py runs/best-* --markdown   # the row as README.md shows it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import UserError, run_main  # noqa: E402
+from common.config import OneLineParser  # noqa: E402
+
+TARGET = 0.99
+
+
+def read_run(run_dir: Path) -> dict:
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run_dir}: not a finished run directory ({e})") from None
+    if not rows or len(rows) < config["config"]["epochs"]:
+        raise UserError(f"{run_dir}: {len(rows)} of {config['config']['epochs']} epochs logged; the run has not finished")
+    train_time = np.cumsum([row["train_time_s"] for row in rows])
+    reached = [i for i, row in enumerate(rows) if min(row["test_digit_acc"], row["test_sum_acc"]) >= TARGET]
+    last = rows[-1]
+    return {"framework": config["environment"]["framework"], "config": config["config"], "epochs": len(rows),
+            "digit": 100 * last["test_digit_acc"], "sum": 100 * last["test_sum_acc"],
+            "unseen": 100 * last["test_sum_acc_unseen"] if "test_sum_acc_unseen" in last else None,
+            "train_s": float(train_time[-1]), "to_99_s": float(train_time[reached[0]]) if reached else None}
+
+
+def mean_spread(values: list[float | None], fmt: str) -> str:
+    """mean ± half the range (min to max) over the seeds; "-" where a run has no value."""
+    if any(v is None for v in values):
+        return "-"
+    v = np.array(values)
+    return f"{v.mean():{fmt}} ± {(v.max() - v.min()) / 2:{fmt}}"
+
+
+def summarize(runs: list[dict]) -> dict:
+    cfg = runs[0]["config"]
+    return {"framework": runs[0]["framework"], "design": cfg["design"], "preset": cfg["preset"],
+            "holdout_pairs": cfg["holdout_pairs"], "seeds": [r["config"]["seed"] for r in runs],
+            "epochs": runs[0]["epochs"], "digit": mean_spread([r["digit"] for r in runs], ".2f"),
+            "sum": mean_spread([r["sum"] for r in runs], ".2f"), "unseen": mean_spread([r["unseen"] for r in runs], ".1f"),
+            "train_s": mean_spread([r["train_s"] for r in runs], ".0f"),
+            "to_99_s": mean_spread([r["to_99_s"] for r in runs], ".1f")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories, one per seed, same recipe")
+    parser.add_argument("--markdown", action="store_true", help="print the README table row")
+    args = parser.parse_args(argv)
+    runs = [read_run(r) for r in args.runs]
+    row = summarize(runs)
+    if args.markdown:
+        print(f"| {row['framework']} | {row['design']} | {row['preset']} | {row['holdout_pairs']} | {row['digit']} | "
+              f"{row['sum']} | {row['unseen']} | {row['epochs']} | {row['train_s']} | {row['to_99_s']} |")
+    else:
+        print(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    run_main(main)

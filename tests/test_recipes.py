@@ -1,0 +1,80 @@
+"""Presets and held-out (digit, r) pairs: which pairs, how training avoids them, how they are scored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from common import data as D
+from common.config import MAX_HOLDOUT_PAIRS, PRESETS, Config, parse_config
+from common.metrics import score
+from tests.test_train_jax import run_script
+
+
+def test_held_out_pairs_are_fixed_and_leave_every_class_trained():
+    for k in (1, 10, 25, MAX_HOLDOUT_PAIRS):
+        held = D.holdout_pairs(k)
+        assert len(held) == k and held == D.holdout_pairs(k)  # the same pairs every time
+        assert D.holdout_pairs(k - 1) < held  # a larger K holds out more of the same order
+        kept = {(d, r) for d in range(10) for r in range(10)} - held
+        assert {d for d, _ in kept} == {r for _, r in kept} == set(range(10))
+        assert {d + r for d, r in kept} == set(range(19))
+        assert (0, 0) not in held and (9, 9) not in held  # the only pairs for the sums 0 and 18
+    assert D.holdout_pairs(0) == frozenset()
+
+
+def test_too_many_held_out_pairs_is_a_clear_error():
+    with pytest.raises(D.DataError, match="can be held out"):
+        D.holdout_pairs(82)  # 19 pairs must stay for the 19 sums; the constraints bind before that
+
+
+def test_training_never_sees_a_held_out_pair(mnist_arrays):
+    held = D.holdout_pairs(10)
+    plain_train, plain_test = D.make_splits(mnist_arrays, seed=3)
+    train, test = D.make_splits(mnist_arrays, seed=3, held_out=held)
+    assert not D.is_held_out(train.labels, train.numbers, held).any()
+    assert len(train) == 60_000 and np.array_equal(train.labels, plain_train.labels)
+    was_held = D.is_held_out(plain_train.labels, plain_train.numbers, held)
+    assert 0.08 < was_held.mean() < 0.12  # about 10 of 100 pairs
+    np.testing.assert_array_equal(train.numbers[~was_held], plain_train.numbers[~was_held])  # only those redrawn
+    np.testing.assert_array_equal(test.numbers, plain_test.numbers)  # the test set keeps every pair
+    assert D.is_held_out(test.labels, test.numbers, held).sum() > 800
+
+
+def test_sum_accuracy_is_split_into_seen_and_unseen_pairs():
+    labels, numbers = np.array([1, 2, 3, 4]), np.array([0, 0, 0, 0])
+    sum_logits = np.eye(19)[[1, 2, 0, 0]]  # right, right, wrong, wrong
+    unseen = np.array([False, True, True, True])
+    s = score(np.eye(10)[labels], sum_logits, labels, numbers, unseen)
+    assert s["test_sum_acc"] == 0.5 and s["test_sum_acc_seen"] == 1.0 and s["test_sum_acc_unseen"] == pytest.approx(1 / 3)
+    assert "test_sum_acc_unseen" not in score(np.eye(10)[labels], sum_logits, labels, numbers)
+
+
+def test_a_preset_sets_defaults_and_flags_still_win():
+    for name, overrides in PRESETS.items():
+        cfg = parse_config(["--preset", name], "test")
+        assert cfg.preset == name
+        for field, value in overrides.items():
+            assert getattr(cfg, field) == value
+    fast = parse_config(["--preset", "fast", "--epochs", "7"], "test")
+    assert fast.epochs == 7 and fast.preset == "fast"
+    assert parse_config([], "test") == Config()
+
+
+def test_holdout_run_reports_unseen_pairs(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    result = run_script("--dry-run", "--holdout-pairs", "10", "--out", str(out), "--data-dir", str(mnist_dir))
+    assert result.returncode == 0, result.stderr
+    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= metrics["test_sum_acc_unseen"] <= 1 and 0 <= metrics["test_sum_acc_seen"] <= 1
+    assert "unseen pairs" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [(["--preset", "fastest"], "--preset must be one of"),
+                                           (["--holdout-pairs", "60"], "--holdout-pairs must be in 0..50")])
+def test_bad_recipe_flags_give_one_line_and_exit_2(args, message, tmp_path):
+    result = run_script(*args, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
