@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -118,9 +119,14 @@ def probe_memory(spec: str) -> None:
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "device_peak_mb": device_peak_mb(framework)}))
 
 
+def per_step_times(run, per_call: int, calls: int) -> list[float]:
+    """Times `calls` calls of `per_call` steps each, one sample (seconds per step) per call."""
+    return [_timed(lambda: run(per_call)) / per_call for _ in range(calls)]
+
+
 def probe_two_devices(spec: str) -> None:
-    """Child process (started with 2 host devices): compile + warm-up, then `steps` timed steps of
-    train_step_2dev in blocks of 8; prints the step times and peak memory as JSON."""
+    """Child process (started with 2 host devices): compile + warm-up, then at least `steps` timed
+    steps of train_step_2dev; prints the step times and peak memory as JSON."""
     batch, steps = (int(x) for x in spec.split(":"))
     from common.config import Config
     from common.loop import load_splits
@@ -131,11 +137,8 @@ def probe_two_devices(spec: str) -> None:
     run(per_call)
     compile_s = time.perf_counter() - start
     run(2 * per_call)
-    times, rounds = [], max(1, steps // 8)
-    for _ in range(rounds):
-        t = _timed(lambda: run(8))
-        times.extend([t / 8] * (8 // per_call))
-    print(json.dumps({"compile_s": compile_s, "times": times, "steps": 8 * rounds, "peak_rss_mb": peak_rss_mb(),
+    times = per_step_times(run, per_call, calls=-(-steps // per_call))
+    print(json.dumps({"compile_s": compile_s, "times": times, "steps": len(times) * per_call, "peak_rss_mb": peak_rss_mb(),
                       "device_peak_mb": device_peak_mb("jax")}))
 
 
@@ -223,12 +226,11 @@ def bench_steps(batch_sizes: list[int], steps: int, train, with_memory: bool) ->
                                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         for path in live.values():
             path["run"](2 * path["per_call"])  # warm-up
-        block = 8  # steps per path per round (a multiple of every steps_per_call)
-        rounds = max(1, steps // block)
+        block = math.lcm(*(p["per_call"] for p in live.values()))  # steps per path per round
+        rounds = max(1, -(-steps // block))
         for _ in tqdm(range(rounds), desc=f"batch {batch}", leave=False):
             for path in live.values():
-                t = _timed(lambda: path["run"](block))
-                path["times"].extend([t / block] * (block // path["per_call"]))
+                path["times"] += per_step_times(path["run"], path["per_call"], calls=block // path["per_call"])
         flops = next((p["flops"] for (fw, _), p in live.items() if fw == "jax" and p["flops"]), None)
         for (framework, variant), path in live.items():
             times = np.asarray(path["times"])
@@ -335,7 +337,7 @@ def main() -> None:
 
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="32,128,512")
-    parser.add_argument("--steps", type=int, default=40, help="measured steps per path and batch size (>= 30)")
+    parser.add_argument("--steps", type=int, default=40, help="measured steps per path and batch size (>= 30; rounded up to whole rounds)")
     parser.add_argument("--json", default=None, metavar="OUT")
     parser.add_argument("--markdown", default=None, metavar="OUT")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one batch size, few steps, no memory probes, short epochs")
