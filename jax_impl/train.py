@@ -123,6 +123,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             return loss_fn(nnx.merge(graphdef, params), images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
 
         loss, grads = jax.value_and_grad(loss_of)(state["params"])
+        # YNNPACK's max and relu can turn NaN into a number, so a diverged step may show a finite
+        # loss; a non-finite gradient marks the loss NaN, and the loop stops on it.
+        loss = jnp.where(jnp.isfinite(optax.global_norm(grads)), loss, jnp.nan)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
