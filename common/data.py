@@ -238,18 +238,27 @@ def holdout_pairs(k: int) -> frozenset:
     return frozenset(held)
 
 
+def _held_table(held_out: frozenset) -> np.ndarray:
+    """(10, 10) bool: table[digit, r] is True for a held-out pair."""
+    table = np.zeros((NUM_DIGITS, NUM_DIGITS), bool)
+    for digit, r in held_out:
+        table[digit, r] = True
+    return table
+
+
 def redraw_held_out(labels: np.ndarray, numbers: np.ndarray, held_out: frozenset, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 2])
+    table = _held_table(held_out)
     numbers = numbers.copy()
+    redo = table[labels, numbers]
     for digit in range(NUM_DIGITS):
-        allowed = np.array([r for r in range(NUM_DIGITS) if (digit, r) not in held_out], np.int32)
-        redo = (labels == digit) & np.isin(numbers, [r for d, r in held_out if d == digit])
-        numbers[redo] = rng.choice(allowed, size=int(redo.sum()))
+        here = redo & (labels == digit)
+        numbers[here] = rng.choice(np.flatnonzero(~table[digit]).astype(np.int32), size=int(here.sum()))
     return numbers
 
 
 def is_held_out(labels: np.ndarray, numbers: np.ndarray, held_out: frozenset) -> np.ndarray:
-    return np.array([(int(d), int(r)) in held_out for d, r in zip(labels, numbers)], bool)
+    return _held_table(held_out)[labels, numbers]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
