@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-import functools
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ YNNPACK = {"xla_cpu_experimental_ynn_fusion_type":
            "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE"}
 
 
-@functools.cache
+@cache
 def compiler_options() -> dict[str, str]:
     """YNNPACK on CPU where this jaxlib knows the (experimental) option; nothing elsewhere."""
     if jax.default_backend() != "cpu":
@@ -125,7 +124,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         loss, grads = jax.value_and_grad(loss_of)(state["params"])
         # YNNPACK's max and relu can turn NaN into a number, so a diverged step may show a finite
         # loss; a non-finite gradient marks the loss NaN, and the loop stops on it.
-        loss = jnp.where(jnp.isfinite(optax.global_norm(grads)), loss, jnp.nan)
+        finite = jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+        loss = jnp.where(finite, loss, jnp.nan)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
