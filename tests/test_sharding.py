@@ -19,6 +19,7 @@ import pytest
 
 from common import data as D
 from common.config import Config
+from tests.test_resume import metrics  # metrics.jsonl without the timings
 
 ROOT = Path(__file__).resolve().parents[1]
 # A narrow network keeps each step to milliseconds on two cores; the sharding is the same.
@@ -33,11 +34,6 @@ def cpu_devices(n: int) -> dict:
 
 def train_script(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train_jax.py"), *args]
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.endswith("_time_s")} for row in rows]  # timings differ run to run
 
 
 def free_port() -> int:
