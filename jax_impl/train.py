@@ -96,6 +96,17 @@ def bf16_loss_of(graphdef: nnx.GraphDef, params, images: jax.Array, numbers: jax
     return loss_fn(model_f32_logits, images, numbers, labels, smoothing, sum_weight)
 
 
+def mark_diverged(params, losses: jax.Array) -> jax.Array:
+    """Sets the last loss to NaN if any parameter is not finite, so the training loop stops.
+
+    YNNPACK's max and relu can turn NaN into a number, so a diverged step may still show a finite
+    loss. A NaN or inf gradient does reach the parameters through Adam (inf / inf is NaN) and
+    stays there, so one look at the parameters per call finds it. Checking every step's
+    gradients instead cost 1.6 ms of a 21 ms step; this costs nothing measurable."""
+    finite = jnp.all(jnp.array([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    return losses.at[-1].set(jnp.where(finite, losses[-1], jnp.nan))
+
+
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None) -> Callable:
     """Returns train(state, dataset, batch_indices (k, b), shifts (k, b, 2) | None) -> (state, losses (k,)),
@@ -128,10 +139,6 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             return loss_fn(nnx.merge(graphdef, params), images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
 
         loss, grads = jax.value_and_grad(loss_of)(state["params"])
-        # YNNPACK's max and relu can turn NaN into a number, so a diverged step may show a finite
-        # loss; a non-finite gradient marks the loss NaN, and the loop stops on it.
-        finite = jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
-        loss = jnp.where(finite, loss, jnp.nan)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
@@ -145,7 +152,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         for k in range(batch_indices.shape[0]):  # unrolled: XLA's CPU convolutions are slow inside loops
             state, loss = one_step(state, dataset, batch_indices[k], None if shifts is None else shifts[k])
             losses.append(loss)
-        return state, jnp.stack(losses)
+        return state, mark_diverged(state["params"], jnp.stack(losses))
 
     return train
 
