@@ -15,8 +15,6 @@ split in two by XLA_FLAGS) needs its own process: it is timed alone, in a child,
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -32,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import numpy as np  # noqa: E402
 
-from common.cli import UserError, run_main  # noqa: E402
+from common.cli import UserError, keep_freed_memory, run_main  # noqa: E402
 
 
 # --- the measured paths -----------------------------------------------------
@@ -187,22 +185,6 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> dict:
     return {"n": n, "xla_gflops_per_s": 2 * n**3 / xla / 1e9, "torch_gflops_per_s": 2 * n**3 / torch_s / 1e9}
 
 
-def keep_freed_memory() -> bool:
-    """Tells glibc's malloc to keep freed memory instead of returning it to the OS.
-
-    By default every PyTorch eager step maps its large activations afresh and page-faults them
-    in (6,390 minor faults per step at batch 128), and how often depends on the allocator's
-    history: PyTorch eager's step measured 27.5 to 34.6 ms in otherwise equal runs. With this,
-    0 faults and 28.7-29.6 ms: PyTorch at its best, and reproducible. XLA's own buffers are
-    not affected (its step time and faults are unchanged). Returns whether it applied."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to tune
-        return False
-
-
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -321,10 +303,13 @@ def time_to_accuracy(target: float, max_epochs: int, quick: bool) -> list[dict]:
 def markdown(report: dict) -> str:
     m = report["machine"]
     ceiling = report["matmul_ceiling"]
+    settings = [text for key, text in [("malloc_keeps_freed_memory", "glibc malloc keeps freed memory (`keep_freed_memory`)"),
+                                        ("jax_runs_on_calling_thread", "JAX runs single-device calls on the calling thread (`run_on_calling_thread`)")]
+                if m.get(key)]
     lines = [f"# Benchmark: {m['cpu']} ({m['cores']} cores, {m['backend']}), {m['date']}", "",
              f"jax {m['jax']}, torch {m['torch']}, python {m['python']}. Matmul ceiling (fp32 {ceiling['n']}^2 GEMM): "
              f"XLA {ceiling['xla_gflops_per_s']:.0f} GFLOP/s, torch {ceiling['torch_gflops_per_s']:.0f} GFLOP/s."
-             + (" glibc malloc keeps freed memory (PyTorch eager at its best: `keep_freed_memory`)." if m.get("malloc_keeps_freed_memory") else ""), "",
+             + (f" Process settings of the training scripts: {'; '.join(settings)}." if settings else ""), "",
              "| framework | variant | batch | compile s | step ms (median) | p10-p90 | images/s | GFLOP/s | % of ceiling | peak RSS MB | vs torch eager |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
@@ -364,6 +349,10 @@ def main() -> None:
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    malloc_tuned = keep_freed_memory()  # the process settings of the training scripts, for every path alike
+    from jax_impl.train import run_on_calling_thread
+
+    run_on_calling_thread()
     if args.probe_memory:
         return probe_memory(args.probe_memory)
     if args.probe_two_devices:
@@ -381,7 +370,7 @@ def main() -> None:
     from common.loop import load_splits
 
     train, _ = load_splits(Config())
-    report = {"machine": {**machine(), "malloc_keeps_freed_memory": keep_freed_memory()},
+    report = {"machine": {**machine(), "malloc_keeps_freed_memory": malloc_tuned, "jax_runs_on_calling_thread": True},
               "matmul_ceiling": matmul_ceiling(1024 if args.quick else 4096)}
     print(f"machine: {report['machine']['cpu']}, matmul ceiling {report['matmul_ceiling']['xla_gflops_per_s']:.0f} GFLOP/s (XLA)")
     report["results"] = bench_steps(batch_sizes, args.steps, train, with_memory=not args.quick)
