@@ -79,7 +79,7 @@ class Pair:
         self.torch.model.load_state_dict(flax_to_torch(params, self.torch.model.state_dict()))
 
     def jax_params(self) -> dict:
-        return jax.tree.map(np.asarray, self.jax.state["params"].to_pure_dict())
+        return jax.tree.map(np.asarray, nnx.to_pure_dict(self.jax.state["params"]))
 
     def torch_params_as_flax(self) -> dict:
         return torch_to_flax(self.torch.model.state_dict(), self.jax_params())
@@ -90,7 +90,7 @@ def pretrained_params(cfg: Config, train: D.Split, steps: int = PRETRAIN_STEPS) 
     trainer = jtrain.JaxTrainer(cfg, train, steps)
     for idx in D.epoch_batches(len(train), cfg.batch_size, cfg.seed, 0)[:steps]:
         trainer.train_steps(idx[None])
-    return jax.tree.map(np.asarray, trainer.state["params"].to_pure_dict())
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state["params"]))
 
 
 def trajectory_plan(cfg: Config, n_train: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -141,7 +141,7 @@ def _jax_loss_and_grads(cfg: Config, params: dict, images: np.ndarray, numbers: 
                               jnp.asarray(labels), cfg.label_smoothing, cfg.sum_weight)
 
     loss, grads = jax.value_and_grad(loss_of)(state)
-    return float(loss), jax.tree.map(np.asarray, grads.to_pure_dict())
+    return float(loss), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 
 
 KINK_MARGIN = 1e-5  # relative to the layer's largest |pre-activation|: 30x float32's error there (3e-7 measured)
@@ -240,7 +240,7 @@ def structure(cfg: Config) -> dict:
     """Parameter counts and shapes (in Flax layout) and output shapes for several batch sizes."""
     flax_model = jtrain.init_model(cfg)
     torch_model = ttrain.SumNet(cfg)
-    flax_params = jax.tree.map(np.asarray, nnx.state(flax_model, nnx.Param).to_pure_dict())
+    flax_params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(flax_model, nnx.Param)))
     mapped = torch_to_flax(torch_model.state_dict(), flax_params)  # raises on any shape mismatch
     outputs = {}
     for n in (1, 7, 128):

@@ -83,7 +83,8 @@ class TorchTrainer:
     @torch.no_grad()
     def predict(self, images: np.ndarray, numbers: np.ndarray, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
         self.model.eval()
-        outs = [self.model(preprocess(torch.from_numpy(images[i : i + chunk])), torch.from_numpy(numbers[i : i + chunk]).long())
+        # torch.tensor copies: the loaded arrays are read-only, which torch.from_numpy warns about
+        outs = [self.model(preprocess(torch.tensor(images[i : i + chunk])), torch.tensor(numbers[i : i + chunk]).long())
                 for i in range(0, len(numbers), chunk)]
         return tuple(torch.cat([o[j] for o in outs]).numpy() for j in (0, 1))
 
