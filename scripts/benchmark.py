@@ -366,11 +366,14 @@ def main() -> None:
     if args.quick:
         batch_sizes, args.steps = batch_sizes[:1], 8
 
+    import jax
+
     from common.config import Config
     from common.loop import load_splits
 
     train, _ = load_splits(Config())
-    report = {"machine": {**machine(), "malloc_keeps_freed_memory": malloc_tuned, "jax_runs_on_calling_thread": True},
+    on_calling_thread = not jax.config.read("jax_cpu_enable_async_dispatch")  # what JAX was told, read back
+    report = {"machine": {**machine(), "malloc_keeps_freed_memory": malloc_tuned, "jax_runs_on_calling_thread": on_calling_thread},
               "matmul_ceiling": matmul_ceiling(1024 if args.quick else 4096)}
     print(f"machine: {report['machine']['cpu']}, matmul ceiling {report['matmul_ceiling']['xla_gflops_per_s']:.0f} GFLOP/s (XLA)")
     report["results"] = bench_steps(batch_sizes, args.steps, train, with_memory=not args.quick)
