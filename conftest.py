@@ -1,9 +1,8 @@
-"""Shared fixtures: the real MNIST, found through MNIST_DIR (CI: ../shared/data/mnist).
-A missing data set is an error, never a skip."""
+"""Shared fixtures: the real MNIST, found as the programs find it (MNIST_DIR, then the user
+cache, else downloaded and verified; CI sets MNIST_DIR). A missing data set is an error, never a skip."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ from common import data as D
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    value = os.environ.get("MNIST_DIR")
-    if not value:
-        pytest.fail("MNIST_DIR is not set: point it at the MNIST IDX files (e.g. ../shared/data/mnist)")
-    return Path(value)
+    try:
+        return D.locate(None)
+    except D.DataError as e:
+        pytest.fail(f"MNIST not found: {e}")
 
 
 @pytest.fixture(scope="session")

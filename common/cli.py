@@ -51,10 +51,10 @@ def train_main(module: str, description: str, argv: list[str] | None = None) -> 
     """Entry point of the training scripts: parse flags, then import the framework and train."""
     import importlib
 
-    from common.config import parse_config
+    from common.config import resolve
 
     def main() -> None:
-        cfg = parse_config(argv, description)
+        cfg = resolve(argv, description)
         keep_freed_memory()
         importlib.import_module(module).run(cfg)  # imported after parsing: --help and bad flags answer at once
 

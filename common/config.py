@@ -1,74 +1,119 @@
-"""One dataclass holds every setting; the CLI of both training scripts is generated from it."""
+"""One dataclass holds every setting; the command line of both training scripts is generated
+from it, and `resolve` turns a command line (and, on --resume, the saved run) into the final
+Config that both trainers receive."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 DESIGNS = ("flatten", "digit")
+PRECISIONS = ("fp32", "bf16")
+TORCH_DEVICES = ("auto", "cpu", "cuda")
+DATA_SOURCES = ("idx", "tfds")
+MAX_SEED = 2**31 - 1  # JAX's and NumPy's seeds both take it; larger ones overflow int32 keys
 
 
 class ConfigError(Exception):
     """An invalid setting; shown as one line, exit code 2."""
 
 
+def setting(default, group: str, help: str, choices: tuple | None = None, low=None, high=None):
+    """A Config field with its --help line, its group, and its allowed values (checked by `validate`)."""
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices, "low": low, "high": high})
+
+
+# The groups, in the order --help shows them. "model" and "recipe" decide what is trained:
+# they cannot change on --resume. The others say where and how this launch runs.
+GROUPS = {
+    "model": "model (what is trained)",
+    "recipe": "recipe (how it is trained)",
+    "data": "data",
+    "run": "run (outputs, resuming)",
+    "devices": "devices and speed",
+}
+RECIPE_GROUPS = ("model", "recipe")
+
+
 @dataclass
 class Config:
-    # model
-    design: str = "flatten"  # where r joins: "flatten" (the assignment's) or "digit" (the adder reads the digit head)
-    conv1: int = 32  # channels of the first 3x3 conv
-    conv2: int = 64  # channels of the second 3x3 conv
-    hidden: int = 256  # width of the fully connected layer
-    adder_hidden: int = 64  # width of the adder MLP (design "digit")
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3  # peak learning rate of Adam(W)
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.5  # linear warm-up from lr/10, then linear decay to 0
-    seed: int = 0
-    shift: int = 2  # random translation by up to this many pixels (0: no augmentation)
-    label_smoothing: float = 0.0
-    sum_weight: float = 1.0  # loss = CE(digit) + sum_weight * CE(sum)
-    holdout_pairs: int = 0  # (digit, r) combinations never shown in training (common/data.py: holdout_pairs)
-    preset: str = "default"  # a named recipe (PRESETS below) whose values the other flags then override
-    # data and outputs
-    data_dir: str | None = None
-    out: str = "runs/latest"
-    dry_run: bool = False
-    resume: str | None = None  # RUN_DIR of a stopped run: continue it from its last checkpoint, with its settings
-    steps_per_call: int = 16  # training steps fused into one compiled call (JAX): fewer calls, faster steps (benchmarks/)
-    # devices, hosts and precision (JAX; checked in jax_impl/distributed.py)
-    devices: int = 0  # data-parallel over the first N devices, the batch split across them (0: all devices)
-    precision: str = "fp32"  # "fp32", or "bf16": bfloat16 compute, float32 parameters and loss
-    coordinator: str | None = None  # HOST:PORT of process 0, to train with several processes (hosts)
-    num_processes: int = 1  # with --coordinator: how many processes take part
-    process_id: int = 0  # with --coordinator: this process's rank, 0 .. num_processes - 1
+    design: str = setting("flatten", "model", "where r joins: flatten (one-hot r after the conv stack, the assignment's) "
+                          "or digit (an adder reads the digit head's softmax and one-hot r)", choices=DESIGNS)
+    conv1: int = setting(32, "model", "channels of the first 3x3 convolution", low=1, high=1024)
+    conv2: int = setting(64, "model", "channels of the second 3x3 convolution", low=1, high=1024)
+    hidden: int = setting(256, "model", "width of the fully connected layer", low=1, high=16384)
+    adder_hidden: int = setting(64, "model", "width of the adder's hidden layer (design digit)", low=1, high=16384)
+    preset: str = setting("default", "recipe", "a named recipe (see README); any flag given beside it wins",
+                          choices=None)  # checked against PRESETS below
+    epochs: int = setting(10, "recipe", "passes over the 60,000 training images", low=1, high=10_000)
+    batch_size: int = setting(128, "recipe", "images per training step (over all devices)", low=1, high=60_000)
+    lr: float = setting(2e-3, "recipe", "peak learning rate of AdamW", low=0.0, high=10.0)
+    weight_decay: float = setting(0.0, "recipe", "AdamW's decoupled weight decay", low=0.0, high=10.0)
+    warmup_epochs: float = setting(0.5, "recipe", "linear warm-up from lr/10 over this many epochs, then linear decay to 0",
+                                   low=0.0, high=10_000.0)
+    seed: int = setting(0, "recipe", f"seed of the initial weights, each image's r and the batch order (0..{MAX_SEED})",
+                        low=0, high=MAX_SEED)
+    shift: int = setting(2, "recipe", "random translation of each training image by up to this many pixels (0: none)",
+                         low=0, high=8)
+    label_smoothing: float = setting(0.0, "recipe", "label smoothing of both cross-entropies, in [0, 1)", low=0.0, high=1.0)
+    sum_weight: float = setting(1.0, "recipe", "loss = CE(digit) + SUM_WEIGHT * CE(sum)", low=0.0, high=100.0)
+    holdout_pairs: int = setting(0, "recipe", "keep this many (digit, r) pairs out of training, to test unseen "
+                                 "combinations (0..50)", low=0, high=50)
+    precision: str = setting("fp32", "recipe", "fp32, or bf16: bfloat16 compute with float32 parameters and loss (JAX)",
+                             choices=PRECISIONS)
+    data_source: str = setting("idx", "data", "idx: the four MNIST IDX files (--data-dir, $MNIST_DIR, the user cache, "
+                               "else downloaded); tfds: TensorFlow Datasets' mnist (pip install -e '.[tfds]')",
+                               choices=DATA_SOURCES)
+    data_dir: str | None = setting(None, "data", "folder of the MNIST IDX files (.gz or raw)")
+    tfds_data_dir: str | None = setting(None, "data", "TFDS data directory holding mnist (default: TFDS's own)")
+    out: str | None = setting(None, "run", "run folder for config, metrics, plots, checkpoints "
+                              "(default: a new runs/<date>-<time>-<preset>)")
+    overwrite: bool = setting(False, "run", "replace the run already in --out (it is deleted first)")
+    resume: str | None = setting(None, "run", "continue the stopped run in RUN_DIR from its last checkpoint, with its "
+                                 "recipe")
+    dry_run: bool = setting(False, "run", "a smoke run: one epoch of 5 steps, 500 test images")
+    compile_cache: bool = setting(True, "run", "keep compiled XLA programs in the user cache so later starts skip "
+                                  "compiling (JAX)")
+    device: str = setting("auto", "devices", "PyTorch's device: auto (cuda if available), cpu or cuda",
+                          choices=TORCH_DEVICES)
+    devices: int = setting(0, "devices", "JAX: data-parallel over the first N devices (0: all)", low=0, high=65_536)
+    steps_per_call: int = setting(16, "devices", "JAX: training steps fused into one compiled call", low=1, high=256)
+    coordinator: str | None = setting(None, "devices", "HOST:PORT of process 0, to train with several processes (JAX)")
+    num_processes: int = setting(1, "devices", "with --coordinator: how many processes take part", low=1, high=65_536)
+    process_id: int = setting(0, "devices", "with --coordinator: this process's rank, 0 .. num_processes - 1",
+                              low=0, high=65_535)
 
     def validate(self) -> "Config":
-        positive = ("epochs", "batch_size", "conv1", "conv2", "hidden", "adder_hidden", "steps_per_call")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "warmup_epochs", "shift", "sum_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.shift > 8:
-            raise ConfigError(f"--shift {self.shift} would move most digits out of the 28x28 frame (max 8)")
-        if self.design not in DESIGNS:
-            raise ConfigError(f"--design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        if not 0 <= self.holdout_pairs <= MAX_HOLDOUT_PAIRS:
-            raise ConfigError(f"--holdout-pairs must be in 0..{MAX_HOLDOUT_PAIRS}, got {self.holdout_pairs}")
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
+            if meta["choices"] and value not in meta["choices"]:
+                raise ConfigError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            if meta["low"] is not None and not meta["low"] <= value <= meta["high"]:
+                raise ConfigError(f"{flag} must be in {meta['low']}..{meta['high']}, got {value}")
+        if self.lr == 0:
+            raise ConfigError("--lr must be positive, got 0")
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"--label-smoothing must be below 1, got {self.label_smoothing}")
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        if self.batch_size > 60_000:
-            raise ConfigError(f"--batch-size {self.batch_size} is larger than the training set")
+        if self.holdout_pairs > MAX_HOLDOUT_PAIRS:
+            raise ConfigError(f"--holdout-pairs must be in 0..{MAX_HOLDOUT_PAIRS}, got {self.holdout_pairs}")
+        if self.process_id >= self.num_processes:
+            raise ConfigError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}")
+        if self.coordinator is None and (self.num_processes > 1 or self.process_id):
+            raise ConfigError("--num-processes and --process-id need --coordinator HOST:PORT")
+        if self.coordinator is not None:
+            host, _, port = self.coordinator.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65_536:
+                raise ConfigError(f"--coordinator wants HOST:PORT, got {self.coordinator!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -76,6 +121,7 @@ class Config:
 
 
 MAX_HOLDOUT_PAIRS = 50  # of the 100 pairs; every digit, r and sum must stay in training
+RECIPE_FIELDS = tuple(f.name for f in fields(Config) if f.metadata["group"] in RECIPE_GROUPS)
 
 # Named recipes, measured in README.md ("Results"): each is a set of overrides of the defaults above.
 PRESETS: dict[str, dict] = {
@@ -85,7 +131,7 @@ PRESETS: dict[str, dict] = {
     # epochs), one step per compiled call (compiling 16 costs more than it saves in 3 epochs).
     "fast": {"design": "digit", "conv1": 16, "conv2": 32, "hidden": 128, "epochs": 3, "lr": 3e-3,
              "warmup_epochs": 0.2, "shift": 0, "steps_per_call": 1},
-    # The highest test accuracy within about 15 minutes on a 2-core CPU (about 5 here).
+    # The highest test accuracy within about 15 minutes on a 2-core CPU.
     "best": {"design": "digit", "epochs": 30, "label_smoothing": 0.1, "warmup_epochs": 1.0},
 }
 
@@ -96,35 +142,91 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _flag_type(field: dataclasses.Field):
-    kind = str(field.type)
-    if "bool" in kind:
-        return None
-    if "int" in kind:
-        return int
-    if "float" in kind:
-        return float
-    return str
+def _flag_type(f: dataclasses.Field):
+    kind = str(f.type)
+    return int if "int" in kind else float if "float" in kind else str
+
+
+def _help(f: dataclasses.Field, default) -> str:
+    text = f.metadata["help"]
+    return text if default is None or default is False else f"{text} [default: {default}]"
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    choices = tuple(PRESETS) if f.name == "preset" else f.metadata["choices"]
+    if choices:
+        return "{" + ",".join(choices) + "}"
+    return {"data_dir": "DIR", "tfds_data_dir": "DIR", "out": "RUN_DIR", "resume": "RUN_DIR",
+            "coordinator": "HOST:PORT"}.get(f.name, "N" if _flag_type(f) is int else "X")
+
+
+def build_parser(description: str, defaults: Config) -> argparse.ArgumentParser:
+    """Every Config field as a flag, grouped, each with one line of help. Flags a user does not
+    give are left out of the parsed namespace (SUPPRESS), so `resolve` can tell them apart."""
+    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
+    for f in fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        group = groups[f.metadata["group"]]
+        if f.type in (bool, "bool"):
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            group.add_argument(flag, action=action, help=_help(f, default if f.default else None))
+        else:
+            group.add_argument(flag, type=_flag_type(f), metavar=_metavar(f), help=_help(f, default))
+    return parser
+
+
+def preset_defaults(argv: list[str] | None) -> Config:
+    """The dataclass defaults with the chosen --preset's overrides applied."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default")
+    name = pre.parse_known_args(argv)[0].preset
+    if name not in PRESETS:
+        OneLineParser().error(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return dataclasses.replace(Config(), preset=name, **PRESETS[name])
 
 
 def parse_config(argv: list[str] | None, description: str) -> Config:
-    """Flags over the chosen --preset over the dataclass defaults."""
-    parser = OneLineParser(description=description)
-    preset = argparse.ArgumentParser(add_help=False)
-    preset.add_argument("--preset", default="default")
-    name = preset.parse_known_args(argv)[0].preset
-    if name not in PRESETS:
-        parser.error(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    defaults = dataclasses.replace(Config(), preset=name, **PRESETS[name])
-    for f in fields(Config):
-        flag = f"--{f.name.replace('_', '-')}"
-        if _flag_type(f) is None:
-            parser.add_argument(flag, action="store_true", help=f"(default: {getattr(defaults, f.name)})")
-        else:
-            parser.add_argument(flag, type=_flag_type(f), default=getattr(defaults, f.name), metavar=f.name.upper(), help=f"(default: {getattr(defaults, f.name)})")
-    args = parser.parse_args(argv)
+    """Flags over the chosen --preset over the dataclass defaults (no --resume handling)."""
+    cfg, _ = _parse(argv, description)
+    return cfg
+
+
+def _parse(argv: list[str] | None, description: str) -> tuple[Config, dict]:
+    defaults = preset_defaults(argv)
+    given = vars(build_parser(description, defaults).parse_args(argv))
     try:
-        return Config(**vars(args)).validate()
+        return dataclasses.replace(defaults, **given).validate(), given
     except ConfigError as e:
-        parser.error(str(e))
-    raise AssertionError  # unreachable: parser.error exits
+        OneLineParser().error(str(e))
+    raise AssertionError  # unreachable: error() exits
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The settings a run was started with (its config.json)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        known = {f.name for f in fields(Config)}
+        return Config(**{k: v for k, v in saved.items() if k in known}).validate()
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+        raise ConfigError(f"--resume {run_dir}: not a run folder with a valid config.json ({e})") from None
+
+
+def resolve(argv: list[str] | None, description: str) -> Config:
+    """The final Config of a launch. A fresh run: flags over the preset over the defaults. On
+    --resume: the saved run's recipe, with this launch's data, run and device flags; a flag that
+    would change the recipe is refused (a resumed run must be the run that was started)."""
+    cfg, given = _parse(argv, description)
+    if cfg.resume is None:
+        return cfg
+    run_dir = Path(cfg.resume)
+    saved = saved_config(run_dir)
+    changed = [name for name in RECIPE_FIELDS if name in given and given[name] != getattr(saved, name)]
+    if changed:
+        flags = ", ".join(f"--{n.replace('_', '-')} {given[n]} (the run has {getattr(saved, n)})" for n in changed)
+        raise ConfigError(f"--resume {run_dir} continues the run's own recipe; cannot change {flags}. "
+                       "Start a new run with --out instead")
+    if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+        raise ConfigError(f"--resume {run_dir} writes into {run_dir}; --out {given['out']} cannot point elsewhere")
+    launch = {name: value for name, value in given.items() if name not in RECIPE_FIELDS}
+    return dataclasses.replace(saved, **{**launch, "resume": str(run_dir), "out": str(run_dir), "overwrite": False})

@@ -3,7 +3,6 @@ A framework plugs in through the small `Trainer` interface."""
 
 from __future__ import annotations
 
-import json
 import signal
 import tempfile
 import time
@@ -15,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import data as D
-from common.config import Config, ConfigError
+from common.config import Config
 from common.metrics import score
 from common.runlog import NullLog, RunLog, plot_predictions
 
@@ -120,8 +119,8 @@ def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: i
     `write_outputs=False` (processes 1.. of a multi-process run): the same steps and checkpoint
     saves, but no config.json, metrics or plots (those are drawn into a scratch folder)."""
     resume = cfg.resume is not None
-    if resume:
-        cfg = saved_config(Path(cfg.resume))
+    if cfg.out is None:
+        cfg = replace(cfg, out=time.strftime(f"runs/%Y%m%d-%H%M%S-{cfg.preset}"))
     train, test = load_splits(cfg)
     total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
     with tempfile.TemporaryDirectory() as scratch:
@@ -131,15 +130,6 @@ def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: i
             return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
         finally:
             getattr(trainer, "close", lambda: None)()
-
-
-def saved_config(run_dir: Path) -> Config:
-    """The settings a run was started with, to continue it."""
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"--resume {run_dir}: not a run directory ({e})") from None
-    return replace(Config(**saved), resume=str(run_dir), out=str(run_dir))
 
 
 def load_splits(cfg: Config) -> tuple[D.Split, D.Split]:

@@ -12,28 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common.config import Config, ConfigError
 
-PRECISIONS = ("fp32", "bf16")
 AXIS = "data"
-LAUNCH_FIELDS = ("devices", "coordinator", "num_processes", "process_id")  # where this run runs, not what it trains
-
-
-def check_flags(cfg: Config) -> None:
-    """The checks that need no device; run before anything else."""
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.devices < 0:
-        raise ConfigError(f"--devices must be >= 0 (0: all devices), got {cfg.devices}")
-    if cfg.num_processes < 1:
-        raise ConfigError(f"--num-processes must be positive, got {cfg.num_processes}")
-    if not 0 <= cfg.process_id < cfg.num_processes:
-        raise ConfigError(f"--process-id must be in 0..{cfg.num_processes - 1}, got {cfg.process_id}")
-    if cfg.coordinator is None:
-        if cfg.num_processes > 1 or cfg.process_id:
-            raise ConfigError("--num-processes and --process-id need --coordinator HOST:PORT")
-    else:
-        host, _, port = cfg.coordinator.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--coordinator wants HOST:PORT, got {cfg.coordinator!r}")
 
 
 def managed_cluster() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +14,7 @@ from flax import nnx
 
 from common import data as D
 from common.config import Config
-from common.loop import run_training, saved_config
+from common.loop import run_training
 from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed
 from jax_impl.model import SumNet
@@ -255,15 +254,6 @@ class JaxTrainer:
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
     run_on_calling_thread()
-    distributed.check_flags(cfg)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
-    # Where to run (devices, processes) is this launch's; what to train, on --resume, the saved run's.
-    launch = {name: getattr(cfg, name) for name in distributed.LAUNCH_FIELDS}
-    recipe = saved_config(Path(cfg.resume)) if cfg.resume is not None else cfg
-    distributed.check_flags(recipe)
-    distributed.data_mesh(replace(recipe, **launch))  # --devices and --batch-size checked before any output
-
-    def make_trainer(run_cfg: Config, *args) -> JaxTrainer:
-        return JaxTrainer(replace(run_cfg, **launch), *args)
-
-    return run_training(cfg, make_trainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0)
+    distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
+    return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0)

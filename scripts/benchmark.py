@@ -326,7 +326,7 @@ def markdown(report: dict) -> str:
                      f"{r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f} | {r['images_per_s']:.0f} | - | - | {rss} | "
                      f"{r.get('throughput_vs_torch_eager', float('nan')):.2f}x |")
     if report.get("time_to_accuracy"):
-        lines += ["", f"Default recipe, both frameworks trained in turn, one epoch each (training time incl. compile; evaluation excluded):", "",
+        lines += ["", "Default recipe, both frameworks trained in turn, one epoch each (training time incl. compile; evaluation excluded):", "",
                   "| framework | first epoch s | median epoch s | reached 99.0% digit and sum | after |", "|---|---:|---:|---|---:|"]
         for t in report["time_to_accuracy"]:
             reached = t["reached"]
