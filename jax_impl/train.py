@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable
@@ -56,6 +57,18 @@ def _ynnpack_supported() -> bool:
     except Exception:  # renamed or gone in another jaxlib: the default CPU path still works
         return False
     return True
+
+
+def enable_compile_cache(enabled: bool = True) -> str | None:
+    """JAX's persistent compilation cache in the user cache folder: a later process start loads
+    the compiled train step instead of compiling it again. Off with enabled=False or with
+    MNIST_SUM_NO_COMPILE_CACHE=1. Returns the folder (None: off)."""
+    if not enabled or os.environ.get("MNIST_SUM_NO_COMPILE_CACHE"):
+        return None
+    folder = D.cache_dir() / "jax-compile-cache"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # predict's small programs too
+    return str(folder)
 
 
 def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
@@ -254,6 +267,7 @@ class JaxTrainer:
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
     run_on_calling_thread()
+    enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
     return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0)
