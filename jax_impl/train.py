@@ -19,6 +19,7 @@ from common.loop import run_training
 from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed
 from jax_impl.model import SumNet
+from jax_impl.warm_start import FusedWhenReady
 
 State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
 
@@ -227,7 +228,9 @@ class JaxTrainer:
             self.state = distributed.replicate(self.state, self.mesh)
             self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
                                                   "numbers": train_split.numbers}, self.mesh)
-        self._train = make_train_step(cfg, graphdef, self.tx, self.mesh)
+        # Trains at once on a cold start, fusing steps once that program is compiled (warm_start.py).
+        self._train = FusedWhenReady(make_train_step(cfg, graphdef, self.tx, self.mesh), cfg.steps_per_call,
+                                     self.place_batch, background=jax.process_count() == 1)
         self._predict = make_predict(graphdef)
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
 
@@ -239,7 +242,6 @@ class JaxTrainer:
         return distributed.shard(batch_indices, self.mesh), None if shifts is None else distributed.shard(shifts, self.mesh)
 
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
-        batch_indices, shifts = self.place_batch(batch_indices, shifts)
         self.state, losses = self._train(self.state, self.dataset, batch_indices, shifts)
         return np.asarray(losses)
 
@@ -260,6 +262,7 @@ class JaxTrainer:
         return position
 
     def close(self) -> None:
+        self._train.close()
         if self.ckpt:
             self.ckpt.wait_until_finished()  # Orbax saves in the background
 
@@ -270,4 +273,5 @@ def run(cfg: Config) -> list[dict]:
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
-    return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0)
+    return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0,
+                        processes=jax.process_count())

@@ -1,0 +1,50 @@
+"""The cold-start path (one-step program while the fused one compiles) trains exactly as the
+fused program does, so when the switch happens cannot change a run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import jax
+import numpy as np
+
+from common.config import Config
+from common.loop import epoch_plan
+from jax_impl.train import JaxTrainer
+
+# A narrow network keeps each compile and step short; the mechanism is the same.
+SMALL = replace(Config(), conv1=8, conv2=16, hidden=32, steps_per_call=4)
+
+
+def train(splits, steps: int, chunk: int, wait: bool) -> tuple[np.ndarray, list]:
+    train_split, _ = splits
+    trainer = JaxTrainer(SMALL, train_split, 100)
+    batches, shifts = epoch_plan(SMALL, len(train_split), 1)
+    losses = []
+    for i in range(0, steps, chunk):
+        j = min(i + chunk, steps)
+        losses.append(trainer.train_steps(batches[i:j], shifts[i:j]))
+        if wait:
+            trainer._train.wait_until_compiled()
+    trainer.close()
+    return np.concatenate(losses), [np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])]
+
+
+def test_one_step_and_fused_programs_train_bit_identically(splits):
+    fused_losses, fused_params = train(splits, 14, 4, wait=True)  # fused from the second chunk on; last chunk of 2 step by step
+    single_losses, single_params = train(splits, 14, 1, wait=False)  # the one-step program only
+    np.testing.assert_array_equal(fused_losses, single_losses)
+    for a, b in zip(fused_params, single_params):
+        np.testing.assert_array_equal(a, b)
+    assert len(fused_losses) == 14 and fused_losses[-1] < fused_losses[0]
+
+
+def test_chunks_before_the_fused_program_is_ready_run_step_by_step(splits):
+    train_split, _ = splits
+    trainer = JaxTrainer(SMALL, train_split, 100)
+    batches, shifts = epoch_plan(SMALL, len(train_split), 1)
+    first = trainer.train_steps(batches[:4], shifts[:4])  # the fused compile has just started
+    assert first.shape == (4,) and np.isfinite(first).all()
+    trainer._train.wait_until_compiled()
+    assert trainer._train._fused.done() and trainer._train._fused.exception() is None
+    trainer.close()
