@@ -1,12 +1,14 @@
-"""What every script does on start (tune malloc) and with errors a user can fix (one line on
-stderr, exit code 2)."""
+"""What every script does on start and with its errors: one line on stderr, never
+a traceback; exit code 2 for what the user can fix before training, 1 once training has started,
+128 + the signal's number when a signal stopped it."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import errno
+import os
+import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from common.config import ConfigError
 from common.data import DataError
@@ -16,35 +18,54 @@ class UserError(Exception):
     """Any other problem the user can fix (bad input file, missing run directory...)."""
 
 
+class RunFailed(Exception):
+    """Training started but cannot go on (a checkpoint could not be written...): exit code 1."""
+
+
+class Interrupted(Exception):
+    """Stopped by a signal (Ctrl-C, SIGTERM), after saving what there was to save."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def os_error_line(e: OSError, path: object = None) -> str:
+    """'PATH: cause (ENAME)' for an OSError, naming the file the OS names, else `path`."""
+    where = e.filename if e.filename is not None else path
+    cause = (e.strerror or os.strerror(e.errno)) if e.errno else str(e)
+    name = errno.errorcode.get(e.errno or 0)
+    return (f"{where}: " if where is not None else "") + cause + (f" ({name})" if name else "")
+
+
 def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except (ConfigError, DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as e:
+    except (RunFailed, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
+    except OSError as e:  # one the program did not foresee: still one line
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
-def keep_freed_memory() -> bool:
-    """Tells glibc's malloc to keep freed memory instead of returning it to the OS, so that the
-    large buffers every training step needs are reused rather than mapped afresh and page-faulted
-    in (zeroed by the kernel) each time. Both training scripts and the benchmark apply it.
+def stop_on_sigterm() -> None:
+    """SIGTERM (a timeout, SLURM, Kubernetes) stops the program the way Ctrl-C does: outside the
+    training loop at once, inside it after the current step and a checkpoint (`common.loop`)."""
 
-    PyTorch eager otherwise page-faults its activations back in every step (6,390 minor faults
-    per step at batch 128) and its step time depends on the allocator's history (27.5-34.6 ms;
-    28.7-29.6 with this). XLA's scratch buffer needs `jax_impl.train.run_on_calling_thread` as
-    well. The process keeps its peak memory until it exits. Returns whether it applied."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to tune
-        return False
+    def stop(signum, frame):
+        raise Interrupted("SIGTERM outside the training steps; the last checkpoint is as it was", signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def train_main(module: str, description: str, argv: list[str] | None = None) -> None:
@@ -52,10 +73,12 @@ def train_main(module: str, description: str, argv: list[str] | None = None) -> 
     import importlib
 
     from common.config import resolve
+    from common.rundir import require_out
 
     def main() -> None:
+        stop_on_sigterm()
         cfg = resolve(argv, description)
-        keep_freed_memory()
+        require_out(cfg, cfg.num_processes)  # before joining the other processes, which waits for them
         importlib.import_module(module).run(cfg)  # imported after parsing: --help and bad flags answer at once
 
     run_main(main)

@@ -220,6 +220,8 @@ def resolve(argv: list[str] | None, description: str) -> Config:
     if cfg.resume is None:
         return cfg
     run_dir = Path(cfg.resume)
+    if cfg.overwrite:
+        raise ConfigError(f"--overwrite starts a new run in place of an old one; it cannot go with --resume {run_dir}")
     saved = saved_config(run_dir)
     changed = [name for name in RECIPE_FIELDS if name in given and given[name] != getattr(saved, name)]
     if changed:

@@ -8,15 +8,17 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 from tqdm import tqdm
 
 from common import data as D
+from common import rundir
+from common.cli import Interrupted, RunFailed, UserError, os_error_line
 from common.config import Config
 from common.metrics import score
-from common.runlog import NullLog, RunLog, plot_predictions
+from common.runlog import NullLog, RunLog, plot_predictions, remove_temp_files
 
 
 class Trainer(Protocol):
@@ -28,44 +30,85 @@ class Trainer(Protocol):
         """(digit logits, sum logits) for uint8 images and their numbers."""
 
     def save(self, global_step: int, position: dict) -> None:
-        """Checkpoints the training state, atomically, with `position` (JSON) beside it."""
+        """Checkpoints the training state with `position` (JSON) beside it; returns once the
+        checkpoint is committed. A failed write leaves no partial files and raises its OSError."""
 
     def restore(self) -> dict | None:
         """Loads the latest checkpoint into the trainer; returns its position (None: there is none)."""
 
 
-class StopOnCtrlC:
-    """Turns Ctrl-C into a flag the loop checks between steps, so a step is never cut in half
-    (JAX donates the old state to the step: stopping mid-call could lose it)."""
+class StopOnSignal:
+    """Turns Ctrl-C and SIGTERM into a flag the loop checks between steps, so a step is never cut
+    in half (JAX donates the old state to the step: stopping mid-call could lose it) and the
+    loop can save before it stops."""
 
-    def __enter__(self) -> "StopOnCtrlC":
-        self.pressed = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> Self:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.pressed = True
+        self.received = signum
+
+    def stop(self, saved: str, run_dir: Path) -> Interrupted:
+        name = signal.Signals(self.received).name
+        return Interrupted(f"{name}; saved {saved}; continue with --resume {run_dir}", self.received)
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
     return 5 if cfg.dry_run else n_train // cfg.batch_size
 
 
+class Checkpoints:
+    """The trainer's saves, with what the last committed one holds (for the messages)."""
+
+    def __init__(self, trainer: Trainer, run_dir: Path, position: dict | None):
+        self.trainer, self.run_dir = trainer, run_dir
+        self.last = "none" if position is None else describe(position)
+
+    def save(self, global_step: int, position: dict) -> None:
+        try:
+            self.trainer.save(global_step, position)
+        except OSError as e:
+            raise RunFailed(f"could not save {describe(position)}: {os_error_line(e, self.run_dir)}; "
+                            f"last checkpoint: {self.last}; fix that, then --resume {self.run_dir}") from None
+        self.last = describe(position)
+
+
+def describe(position: dict) -> str:
+    if position["step"]:
+        return f"epoch {position['epoch']}, step {position['step']}"
+    return f"the end of epoch {position['epoch'] - 1}" if position["epoch"] > 1 else "the start"
+
+
 def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLog, steps_per_call: int = 1,
         resume: bool = False) -> list[dict]:
     """Trains epoch by epoch. Everything random is a function of (seed, epoch), so a position
-    (epoch, step, the epoch's losses so far) is all a checkpoint needs to resume exactly."""
+    (epoch, step, the epoch's losses so far) is all a checkpoint needs to resume exactly.
+    An epoch is logged only after its checkpoint is committed; the checkpoint carries the
+    epoch's metrics too, so a log line lost between the two is written on --resume."""
     epochs = 1 if cfg.dry_run else cfg.epochs
     per_epoch = steps_per_epoch(cfg, len(train))
-    position = (trainer.restore() if resume else None) or {"epoch": 1, "step": 0, "losses": []}
-    log.truncate(position["epoch"] - 1)  # epochs logged after the checkpoint are redone
+    restored = trainer.restore() if resume else None
+    position = restored or {"epoch": 1, "step": 0, "losses": []}
+    checkpoints = Checkpoints(trainer, log.dir, restored)
+    done = position["epoch"] - 1
+    log.truncate(done)  # epochs logged after the checkpoint are redone
     history = log.history()
+    if len(history) == done - 1 and "metrics" in position:  # stopped between the save and the log line
+        if done == epochs:
+            plot_predictions(log.dir, test, *trainer.predict(test.images, test.numbers))
+        log.log_epoch(position["metrics"])
+        history.append(position["metrics"])
     held_out = D.holdout_pairs(cfg.holdout_pairs)
     unseen = D.is_held_out(test.labels, test.numbers, held_out) if held_out else None
-    with StopOnCtrlC() as ctrl_c:
+    with StopOnSignal() as signals:
         for epoch in range(position["epoch"], epochs + 1):
             start = time.perf_counter()
             batches, shifts = epoch_plan(cfg, len(train), epoch)
@@ -77,31 +120,30 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
                                                 None if shifts is None else shifts[step : step + steps_per_call])
                     if not np.isfinite(chunk).all():
                         raise FloatingPointError(f"epoch {epoch}, step {step}: the training loss is not finite; "
-                                                 "stopped, the last good checkpoint is kept")
+                                                 f"stopped, the last good checkpoint ({checkpoints.last}) is kept")
                     losses.extend(chunk.tolist())
                     bar.update(len(chunk))
                     bar.set_postfix(loss=f"{chunk[-1]:.4f}")
-                    if ctrl_c.pressed:
-                        trainer.save((epoch - 1) * per_epoch + len(losses), {"epoch": epoch, "step": len(losses), "losses": losses})
-                        tqdm.write(f"interrupted: saved epoch {epoch}, step {len(losses)}; continue with --resume {log.dir}")
-                        raise KeyboardInterrupt
+                    if signals.received and len(losses) < len(batches):
+                        mid_epoch = {"epoch": epoch, "step": len(losses), "losses": losses}
+                        checkpoints.save((epoch - 1) * per_epoch + len(losses), mid_epoch)
+                        raise signals.stop(describe(mid_epoch), log.dir)
             train_loss = float(np.mean(losses))
             train_time = time.perf_counter() - start  # steps only (compilation included), not the evaluation
             logits = trainer.predict(test.images, test.numbers)
             metrics = {"epoch": epoch, "train_loss": train_loss, **score(*logits, test.labels, test.numbers, unseen),
                        "train_time_s": train_time, "epoch_time_s": time.perf_counter() - start}
-            log.log_epoch(metrics)
+            checkpoints.save(epoch * per_epoch, {"epoch": epoch + 1, "step": 0, "losses": [], "metrics": metrics})
             if epoch == epochs:
                 plot_predictions(log.dir, test, *logits)
-            trainer.save(epoch * per_epoch, {"epoch": epoch + 1, "step": 0, "losses": []})
+            log.log_epoch(metrics)  # last: a logged epoch has its checkpoint and its plots
             history.append(metrics)
             tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {metrics['test_loss']:.4f}  "
                        f"digit {100 * metrics['test_digit_acc']:.2f}%  sum {100 * metrics['test_sum_acc']:.2f}%  "
                        + (f"(unseen pairs {100 * metrics['test_sum_acc_unseen']:.2f}%)  " if held_out else "")
                        + f"{metrics['epoch_time_s']:.1f}s")
-            if ctrl_c.pressed and epoch < epochs:
-                tqdm.write(f"interrupted: saved the end of epoch {epoch}; continue with --resume {log.dir}")
-                raise KeyboardInterrupt
+            if signals.received and epoch < epochs:
+                raise signals.stop(checkpoints.last, log.dir)
     return history
 
 
@@ -113,21 +155,39 @@ def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.nd
 
 
 def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: int = 1,
-                 write_outputs: bool = True) -> list[dict]:
-    """Everything a training script does, for either framework: data, run directory,
-    trainer (`make_trainer(cfg, train_split, total_steps, run_dir)`), resume, the loop.
+                 write_outputs: bool = True, processes: int = 1) -> list[dict]:
+    """Everything a training script does, for either framework: the run folder (`common.rundir`),
+    data, trainer (`make_trainer(cfg, train_split, total_steps, run_dir)`), resume, the loop.
     `write_outputs=False` (processes 1.. of a multi-process run): the same steps and checkpoint
-    saves, but no config.json, metrics or plots (those are drawn into a scratch folder)."""
+    saves, but no config.json, metrics or plots (those are drawn into a scratch folder).
+    Problems before training are one-line errors with exit code 2, write failures during it 1."""
     resume = cfg.resume is not None
-    if cfg.out is None:
-        cfg = replace(cfg, out=time.strftime(f"runs/%Y%m%d-%H%M%S-{cfg.preset}"))
-    train, test = load_splits(cfg)
-    total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
-    with tempfile.TemporaryDirectory() as scratch:
-        log = RunLog(cfg.out, cfg.to_dict(), environment, fresh=not resume) if write_outputs else NullLog(Path(scratch))
-        trainer = make_trainer(cfg, train, total_steps, Path(cfg.out))
+    with rundir.claim(cfg, main=write_outputs, processes=processes) as run, tempfile.TemporaryDirectory() as scratch:
+        if run.finished:
+            if write_outputs:
+                print(f"{run.dir}: this run is finished ({len(run.history)} of {len(run.history)} epochs); nothing to resume")
+            return run.history
+        cfg = replace(cfg, out=str(run.dir))
+        try:
+            log = RunLog(run.dir, cfg.to_dict(), environment, fresh=not resume) if write_outputs else NullLog(Path(scratch))
+            train, test = load_splits(cfg)
+            total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
+            trainer = make_trainer(cfg, train, total_steps, run.dir)
+        except OSError as e:
+            remove_temp_files(run.dir)
+            raise UserError(f"cannot write into the run folder: {os_error_line(e, run.dir)}") from None
+        run.start_training()
+        if run.default and write_outputs:
+            print(f"run folder: {run.dir}")
         try:
             return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
+        except OSError as e:  # the checkpoint's own failures are caught where it is saved
+            remove_temp_files(run.dir)
+            raise RunFailed(f"{os_error_line(e, run.dir)}; the last checkpoint is kept; --resume {run.dir} "
+                            "continues from it") from None
+        except RunFailed:
+            remove_temp_files(run.dir)
+            raise
         finally:
             getattr(trainer, "close", lambda: None)()
 

@@ -1,5 +1,6 @@
 """What a training run leaves in RUN_DIR, the same for both frameworks:
-config.json, metrics.jsonl (one object per epoch) and curves.png."""
+config.json, metrics.jsonl (one object per epoch) and curves.png. Every file is replaced
+whole (written beside it, then renamed), so a crash or a full disk never leaves half a file."""
 
 from __future__ import annotations
 
@@ -14,9 +15,37 @@ METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_a
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replaces `path` by `text` all at once, on disk: a crash or a full disk leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The epochs of a metrics.jsonl, as training writes them (blank lines are ignored); a
+    ValueError names the first line that is not an epoch's metrics."""
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: not JSON") from None
+        missing = [k for k in METRIC_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}, line {number}: lacks {', '.join(missing)}")
+        rows.append(row)
+    return rows
 
 
 class RunLog:
@@ -31,20 +60,27 @@ class RunLog:
 
     def truncate(self, epochs: int) -> None:
         """Keeps the first `epochs` lines of metrics.jsonl (resuming redoes the rest)."""
-        kept = [m for m in self.history() if m["epoch"] <= epochs]
-        _atomic_write(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        self._write([m for m in self.history() if m["epoch"] <= epochs])
 
     def history(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.metrics_path)
 
     def log_epoch(self, metrics: dict) -> None:
+        """Adds an epoch. Its line is written last, after the curves: a logged epoch is complete."""
         missing = set(METRIC_KEYS) - set(metrics)
         assert not missing, f"metrics lack {missing}"
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        plot_curves(self.history(), self.dir / "curves.png")
+        history = self.history() + [metrics]
+        plot_curves(history, self.dir / "curves.png")
+        self._write(history)
+
+    def _write(self, history: list[dict]) -> None:
+        _atomic_write(self.metrics_path, "".join(json.dumps(m) + "\n" for m in history))
+
+
+def remove_temp_files(run_dir: Path) -> None:
+    """Deletes the *.tmp files and *.tmp.png plots a failed write left in RUN_DIR."""
+    for tmp in [*run_dir.glob("*.tmp"), *run_dir.glob("*.tmp.png")]:
+        tmp.unlink(missing_ok=True)
 
 
 class NullLog:
@@ -94,6 +130,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
