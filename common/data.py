@@ -125,6 +125,19 @@ def load_mnist(directory: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def load_arrays(source: str, data_dir: str | None, tfds_data_dir: str | None) -> dict[str, np.ndarray]:
+    """The four MNIST arrays, in the IDX files' order, from `source`: "idx" (the files `locate`
+    finds) or "tfds" (TensorFlow Datasets' mnist). Both give identical arrays, so identical runs."""
+    if source == "idx":
+        return load_mnist(locate(data_dir))
+    if source == "tfds":
+        # Imported here, not at the top: tfds_mnist builds on this module.
+        from common import tfds_mnist
+
+        return tfds_mnist.load_mnist(tfds_data_dir)
+    raise DataError(f"unknown data source {source!r}: idx or tfds")
+
+
 # --- finding (or fetching) the files -------------------------------------
 
 
