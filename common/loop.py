@@ -193,7 +193,8 @@ def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: i
 
 
 def load_splits(cfg: Config) -> tuple[D.Split, D.Split]:
-    train, test = D.make_splits(D.load_mnist(D.locate(cfg.data_dir)), cfg.seed, D.holdout_pairs(cfg.holdout_pairs))
+    arrays = D.load_arrays(cfg.data_source, cfg.data_dir, cfg.tfds_data_dir)
+    train, test = D.make_splits(arrays, cfg.seed, D.holdout_pairs(cfg.holdout_pairs))
     if cfg.dry_run:
         test = D.Split(test.images[:500], test.labels[:500], test.numbers[:500])
     return train, test
