@@ -28,15 +28,22 @@ def splits(mnist_arrays) -> tuple[D.Split, D.Split]:
     return D.make_splits(mnist_arrays, seed=0)
 
 
+# Opt-in markers and their options: full training runs (minutes), and the TFDS test (needs
+# TensorFlow, which no extra installs: .ci/run runs it in its own step).
+OPT_IN = {"slow": "--runslow", "tfds": "--run-tfds"}
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (full training runs)")
+    parser.addoption("--run-tfds", action="store_true", help="also run the tests marked tfds (need TensorFlow and the tfds extra)")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Full training runs are opt-in: deselected (and counted as such), never silently skipped."""
-    if config.getoption("--runslow"):
-        return
-    slow = [item for item in items if "slow" in item.keywords]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if "slow" not in item.keywords]
+    """Opt-in tests are deselected (and counted as such) unless asked for, never silently skipped."""
+    off = [marker for marker, option in OPT_IN.items() if not config.getoption(option)]
+    kept, opted_out = [], []
+    for item in items:
+        (opted_out if any(item.get_closest_marker(marker) for marker in off) else kept).append(item)
+    if opted_out:
+        config.hook.pytest_deselected(items=opted_out)
+        items[:] = kept
