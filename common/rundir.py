@@ -99,11 +99,15 @@ def _claim(cfg: Config) -> RunFolder:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the run folder: {os_error_line(e, path)}") from None
+    try:
+        if fresh and not created:
+            refuse_foreign(path)  # before the lock file is made: a folder not ours gets no file of ours
+    except OSError as e:
+        raise UserError(f"cannot read the run folder: {os_error_line(e, path)}") from None
     run = RunFolder(path, fresh, created, default, lock=take_lock(path))
     try:
         if fresh:
             make_room(path, cfg.overwrite)
-            probe_writable(path)
         else:
             expected = 1 if cfg.dry_run else cfg.epochs
             try:
@@ -113,12 +117,19 @@ def _claim(cfg: Config) -> RunFolder:
             run.finished = len(run.history) >= expected
         if not run.finished:  # a finished run is left exactly as it is
             probe_writable(path)
+    except OSError as e:
+        release_after_failure(run)
+        raise UserError(f"cannot use the run folder: {os_error_line(e, path)}") from None
     except BaseException:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        run.release()
+        release_after_failure(run)
         raise
     return run
+
+
+def release_after_failure(run: RunFolder) -> None:
+    if run.created:
+        shutil.rmtree(run.dir, ignore_errors=True)
+    run.release()
 
 
 def new_default_folder(preset: str) -> Path:
@@ -160,11 +171,9 @@ def take_lock(path: Path) -> int:
 def make_room(path: Path, overwrite: bool) -> None:
     """A fresh run goes into an empty folder; --overwrite first deletes the run there. A folder
     with other files is never written into or deleted: it may be anything of the user's."""
-    entries = [p for p in path.iterdir() if p.name != LOCK]
-    if not entries:
+    if not [p for p in path.iterdir() if p.name != LOCK]:
         return
-    if not (path / "config.json").exists():
-        raise UserError(f"--out {path} is not empty and holds no run (no config.json); choose another --out")
+    refuse_foreign(path)
     if not overwrite:
         raise UserError(f"--out {path} already holds a run; use --resume {path} to continue it, another --out, "
                         "or --overwrite to replace it (deletes it first)")
@@ -172,6 +181,11 @@ def make_room(path: Path, overwrite: bool) -> None:
         remove_contents(path, strict=True)
     except OSError as e:
         raise UserError(f"--overwrite could not delete the old run: {os_error_line(e, path)}") from None
+
+
+def refuse_foreign(path: Path) -> None:
+    if any(p.name != LOCK for p in path.iterdir()) and not (path / "config.json").exists():
+        raise UserError(f"--out {path} is not empty and holds no run (no config.json); choose another --out")
 
 
 def remove_contents(path: Path, strict: bool = False) -> None:

@@ -41,11 +41,15 @@ def read_metrics(path: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             raise ValueError(f"{path}, line {number}: not JSON") from None
-        missing = [k for k in METRIC_KEYS if not isinstance(row, dict) or k not in row]
+        missing = [k for k in METRIC_KEYS if not isinstance(row, dict) or not is_number(row.get(k))]
         if missing:
-            raise ValueError(f"{path}, line {number}: lacks {', '.join(missing)}")
+            raise ValueError(f"{path}, line {number}: no number for {', '.join(missing)}")
         rows.append(row)
     return rows
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class RunLog:
@@ -60,7 +64,10 @@ class RunLog:
 
     def truncate(self, epochs: int) -> None:
         """Keeps the first `epochs` lines of metrics.jsonl (resuming redoes the rest)."""
-        self._write([m for m in self.history() if m["epoch"] <= epochs])
+        history = self.history()
+        kept = [m for m in history if m["epoch"] <= epochs]
+        if kept != history:
+            self._write(kept)
 
     def history(self) -> list[dict]:
         return read_metrics(self.metrics_path)

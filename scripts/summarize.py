@@ -15,27 +15,64 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import UserError, run_main  # noqa: E402
-from common.config import OneLineParser  # noqa: E402
+from common.cli import UserError, os_error_line, run_main  # noqa: E402
+from common.config import RECIPE_FIELDS, OneLineParser  # noqa: E402
+from common.runlog import read_metrics  # noqa: E402
 
 TARGET = 0.99
+# What must agree between the runs of one row: all but the seed (and where the run went).
+SAME_IN_A_ROW = ("dry_run", *(name for name in RECIPE_FIELDS if name != "seed"))
 
 
 def read_run(run_dir: Path) -> dict:
+    """A finished run's figures; every problem is a one-line UserError naming the run."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    config_path = run_dir / "config.json"
     try:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{run_dir}: not a finished run directory ({e})") from None
-    if not rows or len(rows) < config["config"]["epochs"]:
-        raise UserError(f"{run_dir}: {len(rows)} of {config['config']['epochs']} epochs logged; the run has not finished")
+        saved = json.loads(config_path.read_text())
+        config, framework = saved["config"], saved["environment"]["framework"]
+        expected = 1 if config["dry_run"] else int(config["epochs"])
+    except OSError as e:
+        raise UserError(f"{run_dir}: not a run folder ({os_error_line(e)})") from None
+    except KeyError as e:
+        raise UserError(f"{config_path}: not a run's config (no {e} in it)") from None
+    except (ValueError, TypeError):
+        raise UserError(f"{config_path}: not a run's config (not the JSON training writes)") from None
+    try:
+        rows = read_metrics(run_dir / "metrics.jsonl")  # exactly as training reads its own log
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot read its metrics ({os_error_line(e)})") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(rows) < expected:
+        raise UserError(f"{run_dir}: {len(rows)} of {expected} epochs logged; the run has not finished")
     train_time = np.cumsum([row["train_time_s"] for row in rows])
     reached = [i for i, row in enumerate(rows) if min(row["test_digit_acc"], row["test_sum_acc"]) >= TARGET]
     last = rows[-1]
-    return {"framework": config["environment"]["framework"], "config": config["config"], "epochs": len(rows),
+    return {"dir": run_dir, "framework": framework, "config": config, "epochs": len(rows),
             "digit": 100 * last["test_digit_acc"], "sum": 100 * last["test_sum_acc"],
             "unseen": 100 * last["test_sum_acc_unseen"] if "test_sum_acc_unseen" in last else None,
             "train_s": float(train_time[-1]), "to_99_s": float(train_time[reached[0]]) if reached else None}
+
+
+def check_one_row(runs: list[dict]) -> None:
+    """One row is one recipe in one framework, each run a different seed."""
+    first = runs[0]
+    seen: dict = {}
+    for run in runs:
+        same = seen.get(run["dir"].resolve()) or seen.get(("seed", run["config"].get("seed")))
+        if same is not None:
+            raise UserError(f"{run['dir']} and {same['dir']} are the same run (seed {run['config'].get('seed')}); "
+                            "give each seed's run once")
+        seen[run["dir"].resolve()] = seen[("seed", run["config"].get("seed"))] = run
+        if run["framework"] != first["framework"]:
+            raise UserError(f"{run['dir']} is a {run['framework']} run, {first['dir']} a {first['framework']} run; "
+                            "one row is one framework")
+        for name in SAME_IN_A_ROW:
+            if run["config"].get(name) != first["config"].get(name):
+                raise UserError(f"{run['dir']} has {name} {run['config'].get(name)!r}, {first['dir']} "
+                                f"{first['config'].get(name)!r}; one row is one recipe")
 
 
 def mean_spread(values: list[float | None], fmt: str) -> str:
@@ -62,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true", help="print the README table row")
     args = parser.parse_args(argv)
     runs = [read_run(r) for r in args.runs]
+    check_one_row(runs)
     row = summarize(runs)
     if args.markdown:
         print(f"| {row['framework']} | {row['design']} | {row['preset']} | {row['holdout_pairs']} | {row['digit']} | "
