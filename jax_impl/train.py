@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,47 +18,12 @@ from common.config import Config
 from common.loop import run_training
 from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed
+# CPU-only speed settings (YNNPACK, the calling thread); cpu_speed.py says why and where the numbers are.
+from jax_impl.cpu_speed import compiler_options, runs_on_calling_thread, tune_cpu_process
 from jax_impl.model import SumNet
 from jax_impl.warm_start import FusedWhenReady
 
 State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
-
-# XLA's CPU backend hands convolutions, matmuls, reductions and elementwise ops to YNNPACK when
-# asked: the train step goes from 44 to 20 ms at batch 128 on the 2-core machine (benchmarks/README.md).
-YNNPACK = {"xla_cpu_experimental_ynn_fusion_type":
-           "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_ELTWISE"}
-
-
-def compiler_options() -> dict[str, str]:
-    """YNNPACK for float32 on CPU where this jaxlib knows the (experimental) option; nothing
-    elsewhere. Under jax_enable_x64 (the float64 parity check) YNNPACK's float64 fallback is
-    16x slower than XLA's own code: conv2's gradients 1,208 vs 74 ms at batch 128."""
-    if jax.default_backend() != "cpu" or jax.config.jax_enable_x64:
-        return {}
-    return YNNPACK if _ynnpack_supported() else {}
-
-
-def run_on_calling_thread() -> None:
-    """Runs single-device computations on the thread that calls them, not on a JAX worker
-    thread. Call it before JAX creates its CPU client (first use of a device); computations over
-    several devices stay asynchronous.
-
-    Nothing overlaps that could be lost: the training loop waits for each call's losses anyway.
-    What changes is which malloc heap XLA's 74.5 MB scratch buffer comes from. A worker thread's
-    heap holds at most 64 MB, so glibc maps the buffer afresh for every call and the kernel
-    page-faults it in (1,139 faults per step); the main thread's heap keeps it between calls
-    (with `common.cli.keep_freed_memory`): 19.0 vs 19.6 ms per step at batch 128 on 2 cores."""
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-
-@cache
-def _ynnpack_supported() -> bool:
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=YNNPACK).lower(1.0).compile()
-    except Exception:  # renamed or gone in another jaxlib: the default CPU path still works
-        return False
-    return True
-
 
 def enable_compile_cache(enabled: bool = True) -> str | None:
     """JAX's persistent compilation cache in the user cache folder: a later process start loads
@@ -210,7 +175,8 @@ def environment() -> dict:
     import flax
 
     return {"framework": "jax", "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "device_name": jax.devices()[0].device_kind, "runs_on_calling_thread": runs_on_calling_thread()}
 
 
 class JaxTrainer:
@@ -269,7 +235,7 @@ class JaxTrainer:
 
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
-    run_on_calling_thread()
+    tune_cpu_process()  # before JAX starts; nothing where it will compute on a GPU
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import numpy as np  # noqa: E402
 
-from common.cli import UserError, keep_freed_memory, run_main  # noqa: E402
+from common.cli import UserError, run_main  # noqa: E402
+from common.malloc import keep_freed_memory  # noqa: E402
 
 
 # --- the measured paths -----------------------------------------------------
@@ -350,7 +351,7 @@ def main() -> None:
     parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     malloc_tuned = keep_freed_memory()  # the process settings of the training scripts, for every path alike
-    from jax_impl.train import run_on_calling_thread
+    from jax_impl.cpu_speed import run_on_calling_thread
 
     run_on_calling_thread()
     if args.probe_memory:
