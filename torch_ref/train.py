@@ -1,4 +1,6 @@
-"""Training with PyTorch: the same recipe, data order and outputs as jax_impl/train.py."""
+"""Training with PyTorch: the same recipe, data order and outputs as jax_impl/train.py, on the
+CPU or a CUDA GPU (--device). On either, the training set lives on the device and each batch is
+gathered and cropped there, so one code path serves both."""
 
 from __future__ import annotations
 
@@ -12,8 +14,26 @@ import torch.nn.functional as F
 from common import data as D
 from common.config import Config, ConfigError
 from common.loop import run_training
+from common.malloc import keep_freed_memory
 from common.schedule import lr_at, lr_knots
 from torch_ref.model import SumNet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """--device: "auto" is CUDA when PyTorch sees a GPU, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device cuda: PyTorch {torch.__version__} sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def allow_tf32(allowed: bool) -> None:
+    """TF32 in float32 matmuls and convolutions on CUDA. JAX's default precision on NVIDIA GPUs
+    uses it for both; PyTorch's default only for convolutions. The legacy flags, because they
+    keep PyTorch's newer fp32_precision settings consistent, and mixing the two APIs raises."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def preprocess(images_u8: torch.Tensor) -> torch.Tensor:
@@ -25,10 +45,10 @@ def preprocess(images_u8: torch.Tensor) -> torch.Tensor:
 def translate(images_u8: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Moves each image by its offset: zero-pad by max_shift, crop 28x28 at `shifts` (n, 2)."""
     padded = F.pad(images_u8, (max_shift,) * 4)
-    grid = torch.arange(28)
+    grid = torch.arange(28, device=images_u8.device)
     rows = (shifts[:, 0, None] + grid)[:, :, None]
     cols = (shifts[:, 1, None] + grid)[:, None, :]
-    return padded[torch.arange(len(shifts))[:, None, None], rows, cols]
+    return padded[torch.arange(len(shifts), device=images_u8.device)[:, None, None], rows, cols]
 
 
 def loss_fn(model: SumNet, images: torch.Tensor, numbers: torch.Tensor, labels: torch.Tensor,
@@ -40,53 +60,81 @@ def loss_fn(model: SumNet, images: torch.Tensor, numbers: torch.Tensor, labels: 
 
 
 def make_optimizer(cfg: Config, model: SumNet, total_steps: int):
-    # Same math as optax.adamw: decoupled weight decay, eps outside the square root.
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    # Same math as optax.adamw: decoupled weight decay, eps outside the square root. On CUDA the
+    # fused kernel: one launch per step instead of several per parameter (same formula).
+    fused = next(model.parameters()).is_cuda
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                            fused=fused or None)
     knots = lr_knots(cfg, total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, knots) / cfg.lr)
     return opt, sched
 
 
-def environment() -> dict:
-    return {"framework": "torch", "torch": torch.__version__, "backend": "cpu", "threads": torch.get_num_threads()}
+def predict_logits(model: SumNet, images_u8: np.ndarray, numbers: np.ndarray, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """(digit logits, sum logits) as numpy, computed on the model's device, `chunk` images a pass."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        # torch.tensor copies: the loaded arrays are read-only, which torch.from_numpy warns about
+        outs = [model(preprocess(torch.tensor(images_u8[i : i + chunk], device=device)),
+                      torch.tensor(numbers[i : i + chunk], device=device).long())
+                for i in range(0, len(numbers), chunk)]
+    return tuple(torch.cat([o[j] for o in outs]).cpu().numpy() for j in (0, 1))
+
+
+def environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"framework": "torch", "torch": torch.__version__, "backend": device.type, "device": str(device),
+            "device_name": name, "threads": torch.get_num_threads()}
 
 
 class TorchTrainer:
     """The PyTorch side of `common.loop.Trainer`."""
 
-    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None):
+    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None,
+                 compile_mode: str | None = None):
+        """`compile_mode` (the benchmark's): None trains eagerly, else torch.compile's mode for the
+        model's forward and backward ("default", "reduce-overhead": with CUDA graphs)."""
+        self.cfg, self.device = cfg, resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.cfg = cfg
-        self.model = SumNet(cfg)
+        self.model = SumNet(cfg).to(self.device)  # initialised on the CPU: the same weights on every device
         self.opt, self.sched = make_optimizer(cfg, self.model, total_steps)
-        self.images = torch.tensor(train_split.images)  # a copy: the loaded arrays are read-only
-        self.labels = torch.from_numpy(train_split.labels).long()
-        self.numbers = torch.from_numpy(train_split.numbers).long()
+        # Copies (the loaded arrays are read-only), made once: batches are gathered on the device.
+        self.images = torch.tensor(train_split.images, device=self.device)
+        self.labels = torch.tensor(train_split.labels, dtype=torch.long, device=self.device)
+        self.numbers = torch.tensor(train_split.numbers, dtype=torch.long, device=self.device)
         self.run_dir = run_dir
+        self.compile_mode = compile_mode
+        self._forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode, dynamic=False)
+
+    def batch_images(self, idx: torch.Tensor, shifts: torch.Tensor | None) -> torch.Tensor:
+        """The uint8 images (b, 28, 28) of one batch as the step sees them: indices (b,) and crop
+        offsets (b, 2) on the device, gathered and cropped there."""
+        images = self.images[idx]
+        return images if shifts is None else translate(images, shifts, self.cfg.shift)
 
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
+        # One copy of the chunk's indices and offsets to the device and one read of its losses, as
+        # JAX's compiled call: nothing inside a chunk waits for the device.
+        idx = torch.from_numpy(batch_indices).to(self.device, torch.long)
+        offsets = None if shifts is None else torch.from_numpy(shifts).to(self.device, torch.long)
         losses = []
         self.model.train()
-        for k, idx in enumerate(torch.from_numpy(batch_indices)):
+        for k in range(len(idx)):
+            if self.compile_mode == "reduce-overhead":  # a new step: the CUDA graphs may reuse the last one's memory
+                torch.compiler.cudagraph_mark_step_begin()
             self.opt.zero_grad(set_to_none=True)
-            images = self.images[idx]
-            if shifts is not None:
-                images = translate(images, torch.from_numpy(shifts[k]).long(), self.cfg.shift)
-            loss = loss_fn(self.model, preprocess(images), self.numbers[idx], self.labels[idx],
+            images = self.batch_images(idx[k], None if offsets is None else offsets[k])
+            loss = loss_fn(self._forward, preprocess(images), self.numbers[idx[k]], self.labels[idx[k]],
                            self.cfg.label_smoothing, self.cfg.sum_weight)
             loss.backward()
             self.opt.step()
             self.sched.step()
-            losses.append(loss.item())
-        return np.asarray(losses)
+            losses.append(loss.detach())
+        return np.asarray(torch.stack(losses).tolist())
 
-    @torch.no_grad()
     def predict(self, images: np.ndarray, numbers: np.ndarray, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
         self.model.eval()
-        # torch.tensor copies: the loaded arrays are read-only, which torch.from_numpy warns about
-        outs = [self.model(preprocess(torch.tensor(images[i : i + chunk])), torch.tensor(numbers[i : i + chunk]).long())
-                for i in range(0, len(numbers), chunk)]
-        return tuple(torch.cat([o[j] for o in outs]).numpy() for j in (0, 1))
+        return predict_logits(self.model, images, numbers, chunk)
 
     def save(self, global_step: int, position: dict) -> None:
         if self.run_dir is None:
@@ -113,4 +161,9 @@ def run(cfg: Config) -> list[dict]:
     if cfg.devices > 1 or cfg.precision != "fp32" or cfg.coordinator:
         raise ConfigError("--devices, --precision and --coordinator are for train_jax.py; the PyTorch reference "
                           "runs on one device in float32")
-    return run_training(cfg, TorchTrainer, environment())
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # a CPU setting (common/malloc.py says why)
+    else:
+        allow_tf32(True)  # the precision JAX uses on the same GPU
+    return run_training(cfg, TorchTrainer, environment(device), cfg.steps_per_call)
