@@ -98,10 +98,21 @@ def mark_diverged(params, losses: jax.Array) -> jax.Array:
     return losses.at[-1].set(jnp.where(finite, losses[-1], jnp.nan))
 
 
+LOOPS = ("unroll", "scan")
+
+
+def default_loop() -> str:
+    """How one compiled call runs its k steps on this backend. Unrolled on the CPU, where XLA's
+    convolutions slow down inside loop bodies (benchmarks/README.md, row "`lax.scan` over
+    steps"); elsewhere a `lax.scan`, which compiles one step whatever k, so a whole epoch fits
+    in one call. The benchmark measures both on an accelerator (train_step, train_step_unrolled)."""
+    return "unroll" if jax.default_backend() == "cpu" else "scan"
+
+
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+                    mesh: jax.sharding.Mesh | None = None, loop: str | None = None) -> Callable:
     """Returns train(state, dataset, batch_indices (k, b), shifts (k, b, 2) | None) -> (state, losses (k,)),
-    compiled once per k.
+    compiled once per k, its steps unrolled or in a `lax.scan` (`loop`; None: `default_loop()`).
 
     The model is split once into a static graphdef and a pytree of arrays, so the compiled
     function sees plain pytrees (no per-call NNX graph traversal), and `state` is donated so
@@ -137,13 +148,21 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     if mesh is not None:
         jit = partial(jit, out_shardings=distributed.replicated(mesh))  # new state and losses: on every device
 
+    loop = loop or default_loop()
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+
     @jit
     def train(state: State, dataset: dict, batch_indices: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
-        losses = []
-        for k in range(batch_indices.shape[0]):  # unrolled: XLA's CPU convolutions are slow inside loops
-            state, loss = one_step(state, dataset, batch_indices[k], None if shifts is None else shifts[k])
-            losses.append(loss)
-        return state, mark_diverged(state["params"], jnp.stack(losses))
+        if loop == "scan":
+            state, losses = jax.lax.scan(lambda s, xs: one_step(s, dataset, *xs), state, (batch_indices, shifts))
+        else:
+            losses = []
+            for k in range(batch_indices.shape[0]):
+                state, loss = one_step(state, dataset, batch_indices[k], None if shifts is None else shifts[k])
+                losses.append(loss)
+            losses = jnp.stack(losses)
+        return state, mark_diverged(state["params"], losses)
 
     return train
 
@@ -182,7 +201,9 @@ def environment() -> dict:
 class JaxTrainer:
     """The JAX side of `common.loop.Trainer`: state on the device, one compiled step."""
 
-    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None):
+    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None,
+                 loop: str | None = None):
+        """`loop`: how a compiled call runs its steps (`make_train_step`); None: this backend's default."""
         self.mesh = distributed.data_mesh(cfg)  # None: one device, the plain path
         graphdef, params = nnx.split(init_model(cfg))
         self.tx = make_optimizer(cfg, total_steps)
@@ -195,7 +216,7 @@ class JaxTrainer:
             self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
                                                   "numbers": train_split.numbers}, self.mesh)
         # Trains at once on a cold start, fusing steps once that program is compiled (warm_start.py).
-        self._train = FusedWhenReady(make_train_step(cfg, graphdef, self.tx, self.mesh), cfg.steps_per_call,
+        self._train = FusedWhenReady(make_train_step(cfg, graphdef, self.tx, self.mesh, loop), cfg.steps_per_call,
                                      self.place_batch, background=jax.process_count() == 1)
         self._predict = make_predict(graphdef)
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
