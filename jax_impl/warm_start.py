@@ -54,7 +54,13 @@ class FusedWhenReady:
     def _fused_ready(self, state: Any, dataset: Any, batch_indices: np.ndarray, shifts: np.ndarray | None) -> bool:
         if self._fused is None:
             args = _abstract((state, dataset, *self.place(batch_indices, shifts)))
-            compile_fused = lambda: self.train.lower(*args).compile()  # noqa: E731
+            # JAX keeps x64 and the matmul precision per thread: the compile thread takes the caller's.
+            x64, precision = jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision
+
+            def compile_fused():
+                with jax.enable_x64(x64), jax.default_matmul_precision(precision):
+                    return self.train.lower(*args).compile()
+
             if self.background:
                 self._fused = self._pool.submit(compile_fused)
             else:

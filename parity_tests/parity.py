@@ -65,6 +65,20 @@ def float64():
         torch.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """float32 computed as float32 on both sides: no TF32 in matmuls and convolutions, which
+    NVIDIA GPUs otherwise use (JAX's default precision, PyTorch's for convolutions) and whose
+    10-bit mantissa would swamp every float32 tolerance here. On a CPU it changes nothing."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    ttrain.allow_tf32(False)
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 class Pair:
     """A JAX trainer and a PyTorch trainer holding the same Flax-layout `params`,
     each with a fresh optimiser whose schedule spans `total_steps`."""
@@ -182,8 +196,9 @@ def loss_and_grads(pair: Pair, train: D.Split, idx: np.ndarray) -> dict:
     j_loss, j_grads = _jax_loss_and_grads(pair.cfg, pair.jax_params(), images, numbers, labels)
     model = pair.torch.model
     model.zero_grad(set_to_none=True)
-    t_loss = ttrain.loss_fn(model, ttrain.preprocess(torch.from_numpy(images)), torch.from_numpy(numbers).long(),
-                            torch.from_numpy(labels).long(), pair.cfg.label_smoothing, pair.cfg.sum_weight)
+    on_device = lambda a: torch.from_numpy(a).to(pair.torch.device)  # noqa: E731  the trainer's device
+    t_loss = ttrain.loss_fn(model, ttrain.preprocess(on_device(images)), on_device(numbers).long(),
+                            on_device(labels).long(), pair.cfg.label_smoothing, pair.cfg.sum_weight)
     t_loss.backward()
     t_grads = torch_to_flax({k: p.grad for k, p in model.named_parameters()}, j_grads)
     per_param = {f"{layer}.{kind}": max_rel(j_grads[layer][kind], t_grads[layer][kind])
@@ -258,6 +273,7 @@ def structure(cfg: Config) -> dict:
     }
 
 
+@exact_float32()
 def full_report(cfg: Config, train: D.Split, test: D.Split) -> dict:
     """Checks 1-5 for one design; returns every measured figure."""
     params = pretrained_params(cfg, train)

@@ -15,6 +15,13 @@ from torch_ref.model import SumNet as TorchSumNet
 TOL = P.TOLERANCES
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 checks compute in float32 on a GPU too (parity.exact_float32); a CPU is unaffected."""
+    with P.exact_float32():
+        yield
+
+
 @pytest.fixture(scope="module", params=DESIGNS)
 def setup(request, splits):
     cfg = P.config_for(request.param)

@@ -1,6 +1,9 @@
 """Measure how closely the JAX implementation and the PyTorch reference agree (checks 1-5 of
 parity_tests/), for every design, and print each figure next to its tolerance.
-Exit code 1 if any tolerance fails.  `python scripts/parity_report.py [--data-dir DIR] [--json OUT]`"""
+Exit code 1 if any tolerance fails.  `python scripts/parity_report.py [--data-dir DIR] [--device D] [--json OUT]`
+
+JAX runs on its default backend (JAX_PLATFORMS respected), PyTorch on --device; float32 is
+compared without TF32 on either side (parity.exact_float32)."""
 
 import json
 import sys
@@ -12,19 +15,25 @@ from common.cli import run_main  # noqa: E402
 
 
 def main() -> None:
-    from common.config import OneLineParser
+    from common.config import TORCH_DEVICES, OneLineParser
 
     parser = OneLineParser(description=__doc__)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", default=None, metavar="OUT")
+    parser.add_argument("--device", choices=TORCH_DEVICES, default="auto", help="PyTorch's device (auto: cuda if available)")
     args = parser.parse_args()
 
+    import jax
+
+    jax.devices()  # JAX starts before torch is imported: on a GPU it checks the cuDNN it finds loaded
     from common.config import DESIGNS
     from common.data import locate, load_mnist, make_splits
     from parity_tests import parity as P
+    from torch_ref import train as ttrain
 
+    torch_device = ttrain.resolve_device(args.device)  # --device cuda without a GPU: one line, before any work
     train, test = make_splits(load_mnist(locate(args.data_dir)), seed=0)
-    reports = {design: P.full_report(P.config_for(design), train, test) for design in DESIGNS}
+    reports = {design: P.full_report(P.config_for(design, device=args.device), train, test) for design in DESIGNS}
 
     print(f"{'figure':32s} {'tolerance':>10s} " + " ".join(f"{d:>12s}" for d in DESIGNS))
     for key, tol in P.TOLERANCES.items():
@@ -34,7 +43,9 @@ def main() -> None:
     # The top-level keys hold the worst case over designs, so one number answers "does it pass?".
     worst = {k: (min if k == "prediction_agreement" else max)(r[k] for r in reports.values()) for k in P.TOLERANCES}
     if args.json:
-        Path(args.json).write_text(json.dumps({**worst, "tolerances": P.TOLERANCES, "per_design": reports,
+        devices = {"jax": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+                   "torch": ttrain.environment(torch_device)["device_name"]}
+        Path(args.json).write_text(json.dumps({**worst, "tolerances": P.TOLERANCES, "devices": devices, "per_design": reports,
                                                "failures": failed}, indent=2, default=str) + "\n")
     bad = [f"{d}: {f}" for d, fs in failed.items() for f in fs]
     print("PASS: every figure within tolerance" if not bad else "FAIL: " + "; ".join(bad))
