@@ -40,7 +40,10 @@ def enable_compile_cache(enabled: bool = True) -> str | None:
 def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
     xs, ys = lr_knots(cfg, total_steps)
     pieces = [optax.linear_schedule(ys[i], ys[i + 1], xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
-    return optax.join_schedules(pieces, xs[1:-1])
+    schedule = optax.join_schedules(pieces, xs[1:-1])
+    # Optax divides its int32 step counter in float32, even under jax_enable_x64; a float counter
+    # gives the same float32 values and exact float64 ones for the float64 parity check.
+    return lambda count: schedule(jnp.asarray(count, float))
 
 
 def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:

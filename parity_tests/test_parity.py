@@ -73,10 +73,24 @@ def test_forward_agrees_on_all_test_pairs(setup):
     assert r["prediction_agreement"] == 1.0
 
 
-def test_loss_and_gradients_agree(setup):
+def test_loss_and_gradients_agree_in_float64(setup):
+    """The formulas: the whole batch, no example set apart (in float64 no kink is ambiguous)."""
+    cfg, train, _, params, (batches, _) = setup
+    with P.float64():
+        r = P.loss_and_grads(P.Pair(cfg, train, params, 1), train, batches[0], set_apart_kinks=False)
+    assert r["examples_compared"] == len(batches[0])
+    assert r["loss_rel_diff"] <= TOL["loss_rel_diff_float64"]
+    assert r["grad_max_rel_diff"] <= TOL["grad_max_rel_diff_float64"], r["grad_rel_diff_per_param"]
+
+
+def test_loss_and_gradients_agree_in_float32(setup):
+    """The real computation, on the examples that no float32 rounding can flip at a relu kink.
+    Which examples those are depends on the trained weights, and those come from float32
+    training, whose path differs by CPU (21-23% set apart on an AVX-512 Xeon, 26% reported on an
+    AVX2 EPYC): the bound on the set-apart only keeps the comparison from becoming vacuous."""
     cfg, train, _, params, (batches, _) = setup
     r = P.loss_and_grads(P.Pair(cfg, train, params, 1), train, batches[0])
-    assert r["examples_compared"] >= 0.75 * len(batches[0]), r["examples_near_relu_kink"]  # the set-apart stays small
+    assert r["examples_compared"] >= 0.5 * len(batches[0]), r["examples_near_relu_kink"]
     assert r["loss_rel_diff"] <= TOL["loss_rel_diff"]
     assert r["grad_max_rel_diff"] <= TOL["grad_max_rel_diff"], r["grad_rel_diff_per_param"]
 
