@@ -242,19 +242,21 @@ class JaxTrainer:
         return self._predict(params, images, numbers)
 
     def save(self, global_step: int, position: dict) -> None:
+        """Blocks until the checkpoint is complete (jax_impl/checkpoint.py: errors, refusals)."""
         if self.ckpt:
             checkpoint.save(self.ckpt, global_step, self.state, position)
 
     def restore(self) -> dict | None:
-        if not self.ckpt or self.ckpt.latest_step() is None:
+        restored = checkpoint.restore(self.ckpt, self.state) if self.ckpt else None
+        if restored is None:
             return None
-        self.state, position = checkpoint.restore(self.ckpt, self.state)
+        self.state, position = restored
         return position
 
     def close(self) -> None:
         self._train.close()
         if self.ckpt:
-            self.ckpt.wait_until_finished()  # Orbax saves in the background
+            self.ckpt.close()
 
 
 def run(cfg: Config) -> list[dict]:

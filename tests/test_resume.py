@@ -28,9 +28,9 @@ def metrics(run: Path) -> list[dict]:
 
 def final_params(framework: str, run: Path) -> dict:
     if framework == "torch":
-        import torch
+        from torch_ref import checkpoint
 
-        return {k: v.numpy() for k, v in torch.load(run / "checkpoint.pt", weights_only=True)["model"].items()}
+        return {k: v.numpy() for k, v in checkpoint.load(run / checkpoint.FILE)["model"].items()}
     import jax
 
     from jax_impl import checkpoint

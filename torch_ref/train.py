@@ -4,7 +4,6 @@ gathered and cropped there, so one code path serves both."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from common.config import Config, ConfigError
 from common.loop import run_training
 from common.malloc import keep_freed_memory
 from common.schedule import lr_at, lr_knots
+from torch_ref import checkpoint
 from torch_ref.model import SumNet
 
 
@@ -137,23 +137,14 @@ class TorchTrainer:
         return predict_logits(self.model, images, numbers, chunk)
 
     def save(self, global_step: int, position: dict) -> None:
-        if self.run_dir is None:
-            return
-        path = self.run_dir / "checkpoint.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save({"step": global_step, "position": position, "model": self.model.state_dict(),
-                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint.pt
+        """Blocks until the checkpoint is on disk (torch_ref/checkpoint.py: errors, refusals)."""
+        if self.run_dir is not None:
+            checkpoint.save(self.run_dir / checkpoint.FILE, global_step, position, self.model, self.opt, self.sched)
 
     def restore(self) -> dict | None:
-        path = self.run_dir / "checkpoint.pt" if self.run_dir else None
-        if path is None or not path.exists():
+        if self.run_dir is None:
             return None
-        saved = torch.load(path, weights_only=True)
-        self.model.load_state_dict(saved["model"])
-        self.opt.load_state_dict(saved["optimizer"])
-        self.sched.load_state_dict(saved["scheduler"])
-        return saved["position"]
+        return checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched)
 
 
 def run(cfg: Config) -> list[dict]:
