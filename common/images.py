@@ -21,6 +21,7 @@ BOX = 20  # the longer side of the ink, as in MNIST
 SIZE = 28
 MAX_SIDE = 2048  # larger images are shrunk first (in Pillow, as uint8): the digit ends up 20 px anyway
 MIN_CONTRAST = 32.0  # ink must differ from the paper by this much (of 255), else the image counts as blank
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what a folder is searched for
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -52,6 +53,19 @@ def load_image(path: str | Path) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - a broken file can fail inside any decoder, in any way
         raise UserError(f"{path}: cannot decode the image ({type(e).__name__}: {first_line(e)})") from None
     return prepare(gray, name=str(path))
+
+
+def images_in(folder: str | Path) -> list[Path]:
+    """The image files directly in `folder` (by their suffix), sorted by name; hidden ones skipped."""
+    folder = Path(folder)
+    try:
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    except OSError as e:
+        raise UserError(f"{folder}: cannot list the folder ({e.strerror})") from None
+    if not files:
+        raise UserError(f"{folder}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def check_size(size: tuple[int, int], name: str | Path = "image") -> None:

@@ -1,4 +1,6 @@
-"""scripts/predict.py on real runs of both frameworks, common/images.py and common/plots.py.
+"""Prediction on real runs of both frameworks (common/predictor.py, jax_impl/predictor.py,
+torch_ref/predictor.py, and scripts/predict.py run as a process), common/images.py and
+common/plots.py.
 
 Two one-epoch runs (a small JAX model and a small PyTorch one) are trained once for the
 module, side by side; every prediction below is checked against real MNIST test labels.
@@ -6,7 +8,6 @@ module, side by side; every prediction below is checked against real MNIST test 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from PIL import Image
 from common import plots
 from common.cli import UserError
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
+from common.predictor import load_predictor, read_run
+from jax_impl.predictor import MAX_BATCH, MIN_BATCH, padded_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "predict.py"
@@ -35,20 +38,15 @@ RUNS = {"jax": ("train_jax.py", ["--design", "digit"]), "torch": ("train_torch.p
 CHOSEN = list(range(0, 10_000, 1000))  # ten test images spread over the test set
 
 
-def _load_predict_module():
-    spec = importlib.util.spec_from_file_location("predict_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-P = _load_predict_module()
-
-
-def predict_cli(*args: str) -> subprocess.CompletedProcess:
+def predict_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
+
+
+def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""  # nothing from Orbax, absl, XLA or torch leaks through
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -80,43 +78,95 @@ def runs(tmp_path_factory, mnist_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def predictors(runs) -> dict:
-    return {framework: P.load_predictor(run) for framework, run in runs.items()}
+    return {framework: load_predictor(read_run(run)) for framework, run in runs.items()}
 
 
 # --- predictions on real MNIST test images ---------------------------------------
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_mnist_test_indices_are_predicted(framework, runs, splits, mnist_dir, capsys):
-    """The script's own main(), as the command line calls it, on ten spread-out test images."""
+def test_mnist_test_indices_are_predicted_in_one_call(framework, runs, splits, mnist_dir):
+    """Ten spread-out test images, one process: one JSON line per image, in the order asked."""
     _, test = splits
-    digits_right = sums_right = 0
-    for index in CHOSEN:
-        result = P.main(["--run", str(runs[framework]), "--mnist-test-index", str(index), "--json", "--data-dir", str(mnist_dir)])
-        printed = capsys.readouterr().out.splitlines()
-        assert len(printed) == 1 and json.loads(printed[0]) == result
+    results = json_lines(predict_cli("--run", runs[framework], "--mnist-test-index", *CHOSEN, "--json", "--data-dir", mnist_dir))
+    assert [r["index"] for r in results] == CHOSEN
+    for index, result in zip(CHOSEN, results):
         # the script pairs each test image with the very number the training runs were scored with
         assert result["number"] == test.numbers[index] and result["true_digit"] == test.labels[index]
         assert result["true_sum"] == test.labels[index] + test.numbers[index] and result["framework"] == framework
         assert 0 <= result["digit"] <= 9 and 0 <= result["sum"] <= 18
         assert 0.1 <= result["digit_prob"] <= 1 and 1 / 19 <= result["sum_prob"] <= 1  # the argmax of a softmax
-        digits_right += result["digit"] == result["true_digit"]
-        sums_right += result["sum"] == result["true_sum"]
+    digits_right = sum(r["digit"] == r["true_digit"] for r in results)
+    sums_right = sum(r["sum"] == r["true_sum"] for r in results)
     # ~97% test accuracy after one epoch: one miss in ten is allowed, chance would be ~1 in 10.
     assert digits_right >= 9, digits_right
     if framework == "jax":  # the "digit" design's sums are ~96% right after one epoch
         assert sums_right >= 9, sums_right
 
 
-def test_number_overrides_the_test_sets_number(runs, splits, mnist_dir, capsys):
+def test_numbers_override_the_test_sets_numbers_one_for_all_or_one_each(runs, splits, mnist_dir):
     _, test = splits
-    index = 0
-    number = (int(test.numbers[index]) + 5) % 10
-    result = P.main(["--run", str(runs["jax"]), "--mnist-test-index", str(index), "--number", str(number), "--json",
-                     "--data-dir", str(mnist_dir)])
-    capsys.readouterr()
-    assert result["number"] == number and result["true_sum"] == test.labels[index] + number
-    assert result["digit"] == test.labels[index] and result["sum"] == test.labels[index] + number  # image 0 is a clear 7
+    indices = [0, 1, 2]  # a clear 7, 2 and 1
+    one = (int(test.numbers[0]) + 5) % 10
+    each = [(int(test.numbers[i]) + 3) % 10 for i in indices]
+    for numbers in ([one], each):
+        results = json_lines(predict_cli("--run", runs["jax"], "--mnist-test-index", *indices, "--number", *numbers,
+                                         "--json", "--data-dir", mnist_dir))
+        for i, number, result in zip(indices, numbers * 3 if len(numbers) == 1 else numbers, results):
+            assert result["number"] == number and result["true_sum"] == test.labels[i] + number
+            assert result["digit"] == test.labels[i] and result["sum"] == test.labels[i] + number
+    assert_one_line_error(predict_cli("--run", runs["jax"], "--mnist-test-index", *indices, "--number", 1, 2,
+                                      "--data-dir", mnist_dir), "--number: give one number for all images or one per image "
+                                                             "(3 images, 2 numbers)")
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_several_image_files_and_a_folder_in_one_call(framework, runs, splits, tmp_path):
+    """A folder's images (sorted by name, other files ignored) and single files, in the order given."""
+    _, test = splits
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for index in (3, 2, 1):
+        Image.fromarray(255 - test.images[index]).resize((90, 90), Image.Resampling.BICUBIC).save(folder / f"test_{index}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")
+    single = tmp_path / "single.jpg"
+    Image.fromarray(test.images[0]).resize((60, 60)).convert("RGB").save(single, quality=95)
+    results = json_lines(predict_cli("--run", runs[framework], "--image", folder, single, "--number", 1, 2, 3, 4, "--json"))
+    expected = [(folder / "test_1.png", 1), (folder / "test_2.png", 2), (folder / "test_3.png", 3), (single, 0)]
+    assert [r["image"] for r in results] == [str(path) for path, _ in expected]
+    assert [r["number"] for r in results] == [1, 2, 3, 4]
+    assert [r["digit"] for r in results] == [test.labels[index] for _, index in expected]
+
+
+def test_batches_are_padded_to_a_few_sizes_without_changing_answers(predictors, splits):
+    """A compiled program per power of two: 1..16 images share one, 100 take the one for 128."""
+    assert [padded_size(n) for n in (1, 5, 16, 17, 100, 128, 129, MAX_BATCH)] == [16, 16, 16, 32, 128, 128, 256, MAX_BATCH]
+    assert padded_size(MAX_BATCH + 1) == MAX_BATCH + 1  # split into chunks of MAX_BATCH by make_predict
+    assert MIN_BATCH == 16
+    _, test = splits
+    images, numbers = test.images[:40], test.numbers[:40]
+    digit_all, sum_all = predictors["jax"](images, numbers)
+    assert digit_all.shape == (40, 10) and sum_all.shape == (40, 19)
+    for start, n in ((0, 1), (3, 3), (20, 17)):
+        digit, summ = predictors["jax"](images[start : start + n], numbers[start : start + n])
+        assert digit.shape == (n, 10)
+        np.testing.assert_allclose(digit, digit_all[start : start + n], atol=1e-5)
+        np.testing.assert_allclose(summ, sum_all[start : start + n], atol=1e-5)
+
+
+def test_the_compiled_program_is_kept_for_the_next_call(runs, mnist_dir, tmp_path):
+    """The JAX predictor fills the persistent compilation cache (under the user cache folder) and
+    the next process loads from it instead of adding programs."""
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_SUM_NO_COMPILE_CACHE"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), MNIST_DIR=str(mnist_dir))
+    cache = tmp_path / "cache" / "mnist-sum" / "jax-compile-cache"
+    first = json_lines(predict_cli("--run", runs["jax"], "--mnist-test-index", 7, "--json", env=env))
+    programs = sorted(p.name for p in cache.iterdir())
+    assert programs  # written by the first call
+    second = json_lines(predict_cli("--run", runs["jax"], "--mnist-test-index", 7, 8, 9, "--json", env=env))
+    assert sorted(p.name for p in cache.iterdir()) == programs  # 1 and 3 images: the same padded program
+    assert second[0] == first[0]
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -221,12 +271,13 @@ BAD_IMAGES = {
     "enormous": "too large",
     "bomb": "too large",
 }
+CLI_SAYS = {**BAD_IMAGES, "directory": "no image files"}  # the command line reads a folder's images: none here
 
 
 @pytest.mark.parametrize("kind", BAD_IMAGES)
 def test_bad_image_is_one_line(kind, runs, splits, tmp_path):
     path = _bad_image(kind, tmp_path, splits)
-    assert_one_line_error(predict_cli("--run", runs["jax"], "--image", path, "--number", 3), str(path), BAD_IMAGES[kind])
+    assert_one_line_error(predict_cli("--run", runs["jax"], "--image", path, "--number", 3), str(path), CLI_SAYS[kind])
     with pytest.raises(UserError, match=BAD_IMAGES[kind]):
         load_image(path)
 
@@ -278,6 +329,7 @@ RUN_PROBLEMS = {
     "other_design": "does not match",  # config.json says the other design: the heads' shapes differ
     "truncated": "corrupted checkpoint",
     "garbage": "corrupted checkpoint",
+    "flipped_byte": "corrupted checkpoint",  # one bit of the weights' data: caught by the checksums
 }
 
 
@@ -295,6 +347,11 @@ def test_bad_run_is_one_line(framework, problem, runs, tmp_path, mnist_dir):
         _edit_config(run, conv2=64)
     elif problem == "other_design":
         _edit_config(run, design="flatten" if RUNS[framework][1][1] == "digit" else "digit")
+    elif problem == "flipped_byte":
+        data = run / "checkpoint.pt" if framework == "torch" else max(_state_files(run), key=lambda p: p.stat().st_size)
+        flipped = bytearray(data.read_bytes())
+        flipped[len(flipped) // 2] ^= 0x01
+        data.write_bytes(bytes(flipped))
     elif framework == "torch":
         _garble(run / "checkpoint.pt", keep=3000 if problem == "truncated" else None)
     else:  # Orbax: every file of the saved state cut short, or overwritten with noise

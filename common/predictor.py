@@ -1,0 +1,70 @@
+"""A trained run, loaded for prediction: its config.json read and checked here (no framework
+imported), its checkpoint by the framework that wrote it (jax_impl/predictor.py,
+torch_ref/predictor.py)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from common.cli import UserError
+from common.config import Config, ConfigError
+
+LOADERS = {"jax": "jax_impl.predictor", "torch": "torch_ref.predictor"}
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: Config
+    framework: str
+
+
+@dataclass
+class Predictor:
+    """predict(images uint8 (n, 28, 28), numbers int (n,)) -> (digit probs (n, 10), sum probs (n, 19))."""
+
+    framework: str
+    step: int  # training steps behind the checkpoint
+    predict: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+    def __call__(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.predict(images, numbers)
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """RUN_DIR/config.json, checked; every problem is a one-line UserError."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"--run {run_dir}: no such directory")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: missing (is {run_dir} a training run's --out folder?)")
+    try:
+        saved = json.loads(config_path.read_text())
+        config, framework = saved["config"], saved["environment"]["framework"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{config_path}: not a run's config.json ({type(e).__name__}: {e})") from None
+    if framework not in LOADERS:
+        raise UserError(f"{config_path}: unknown framework {framework!r} (expected {' or '.join(LOADERS)})")
+    try:
+        return Run(path, Config(**config).validate(), framework)
+    except (TypeError, ConfigError) as e:
+        raise UserError(f"{config_path}: invalid config ({e})") from None
+
+
+def load_predictor(run: Run) -> Predictor:
+    """The run's model from its latest checkpoint; a checkpoint that is missing, damaged or not
+    this model's raises CheckpointError (one line)."""
+    return importlib.import_module(LOADERS[run.framework]).load(run.dir, run.config)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
