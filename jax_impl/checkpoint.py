@@ -109,7 +109,8 @@ def load_params(directory: Path, like: Any) -> tuple[Any, int]:
         with orbax_quiet():
             stored = checkpointer.metadata(folder / "state").item_metadata.tree["params"]
     except Exception as e:  # noqa: BLE001 - checksums passed: a layout this code does not know
-        raise CheckpointError(f"{folder}: corrupted checkpoint, no parameters found ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{folder}: corrupted checkpoint, no parameters found "
+                              f"({type(e).__name__}: {first_line(e)})") from None
     require_same_shapes(str(folder), shapes(like), shapes(stored))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), like)}
