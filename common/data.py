@@ -287,8 +287,3 @@ def epoch_shifts(steps: int, batch_size: int, max_shift: int, seed: int, epoch: 
     Drawn here, not inside a framework, so JAX and PyTorch shift every image alike."""
     rng = np.random.default_rng([seed, epoch, 1])
     return rng.integers(0, 2 * max_shift + 1, size=(steps, batch_size, 2), dtype=np.int32)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (..., 28, 28) -> float32 with MNIST's mean and std."""
-    return ((images.astype(np.float32) / 255.0) - MEAN) / STD
