@@ -88,12 +88,16 @@ def image_examples(paths: list[str], numbers: list[int]) -> list[Example]:
 
 
 def mnist_test_examples(indices: list[int], numbers: list[int] | None, data_dir: str | None, run: Run) -> list[Example]:
-    if data_dir is None:  # the folder the run trained from, if it is still there
-        saved = run.config.data_dir
-        data_dir = saved if saved and Path(saved).expanduser().is_dir() else None
-    directory = D.locate(data_dir)
-    images = D.load_file(directory, D.FILES["test_images"], 3, D.COUNTS["test"])
-    labels = D.load_file(directory, D.FILES["test_labels"], 1, D.COUNTS["test"])
+    if data_dir is None and run.config.data_source == "tfds":  # where the run read MNIST from
+        arrays = D.load_arrays("tfds", None, run.config.tfds_data_dir)
+        images, labels = arrays["test_images"], arrays["test_labels"]
+    else:
+        if data_dir is None:  # the folder the run trained from, if it is still there
+            saved = run.config.data_dir
+            data_dir = saved if saved and Path(saved).expanduser().is_dir() else None
+        directory = D.locate(data_dir)
+        images = D.load_file(directory, D.FILES["test_images"], 3, D.COUNTS["test"])
+        labels = D.load_file(directory, D.FILES["test_labels"], 1, D.COUNTS["test"])
     test_numbers = D.numbers_for(D.COUNTS["test"], D.TEST_NUMBERS_SEED)  # as D.make_splits pairs them
     numbers = [int(test_numbers[i]) for i in indices] if numbers is None else per_image(numbers, len(indices))
     return [Example(f"MNIST test image {i} (true digit {labels[i]})", images[i], n,
