@@ -198,7 +198,8 @@ def environment() -> dict:
 
     return {"framework": "jax", "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "device_name": jax.devices()[0].device_kind, "runs_on_calling_thread": runs_on_calling_thread()}
+            "device_name": jax.devices()[0].device_kind, "runs_on_calling_thread": runs_on_calling_thread(),
+            "compile_cache": jax.config.jax_compilation_cache_dir}  # None: off
 
 
 class JaxTrainer:
