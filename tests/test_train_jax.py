@@ -73,6 +73,8 @@ def test_dry_run_writes_every_output(tmp_path, mnist_dir):
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["dry_run"] is True and config["environment"]["jax"]
+    cache = Path(config["environment"]["compile_cache"])  # compiled programs kept for the next start
+    assert cache.is_dir() and any(cache.iterdir())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert set(metrics[0]) >= {"epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "train_time_s", "epoch_time_s"}
     for plot in ("curves", "confusion_digit", "confusion_sum", "samples"):
@@ -83,8 +85,9 @@ def test_dry_run_writes_every_output(tmp_path, mnist_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--epochs", "-1"], "--epochs must be positive"),
-        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--epochs", "-1"], "--epochs must be in 1..10000, got -1"),
+        (["--batch-size", "0"], "--batch-size must be in 1..60000, got 0"),
+        (["--lr", "nan"], "--lr must be a finite number"),
         (["--lr", "abc"], "invalid float value"),
         (["--design", "middle"], "--design must be one of"),
         (["--data-dir", "/definitely/not/here"], "no such directory"),
