@@ -70,14 +70,17 @@ class Checkpoints:
 
     def __init__(self, trainer: Trainer, run_dir: Path, position: dict | None):
         self.trainer, self.run_dir = trainer, run_dir
-        self.last = "none" if position is None else describe(position)
+        self.last = None if position is None else describe(position)
+
+    def kept(self) -> str:
+        return f"the last checkpoint ({self.last}) is kept" if self.last else "no checkpoint was saved yet"
 
     def save(self, global_step: int, position: dict) -> None:
         try:
             self.trainer.save(global_step, position)
         except OSError as e:
             raise RunFailed(f"could not save {describe(position)}: {os_error_line(e, self.run_dir)}; "
-                            f"last checkpoint: {self.last}; fix that, then --resume {self.run_dir}") from None
+                            f"{self.kept()}; fix that, then --resume {self.run_dir}") from None
         self.last = describe(position)
 
 
@@ -120,7 +123,7 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
                                                 None if shifts is None else shifts[step : step + steps_per_call])
                     if not np.isfinite(chunk).all():
                         raise FloatingPointError(f"epoch {epoch}, step {step}: the training loss is not finite; "
-                                                 f"stopped, the last good checkpoint ({checkpoints.last}) is kept")
+                                                 f"stopped, {checkpoints.kept()}")
                     losses.extend(chunk.tolist())
                     bar.update(len(chunk))
                     bar.set_postfix(loss=f"{chunk[-1]:.4f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -40,12 +41,17 @@ def final_params(framework: str, run: Path) -> dict:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(restored["state"])}
 
 
+def epoch_1_logged(run: Path) -> bool:
+    """An epoch is logged after its checkpoint is committed: epoch 1 is saved."""
+    return (run / "metrics.jsonl").exists() and bool((run / "metrics.jsonl").read_text().strip())
+
+
 def stop_mid_epoch_2(framework: str, run: Path, sig: int) -> subprocess.CompletedProcess | None:
-    """Starts a run, waits until epoch 1's checkpoint is complete and a few steps of epoch 2 ran, sends `sig`."""
+    """Starts a run, waits until epoch 1 is done (logged, so its checkpoint is committed) and a
+    few steps of epoch 2 ran, sends `sig`."""
     proc = subprocess.Popen(command(framework, *SMALL, "--out", str(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    epoch_1_saved = run / ("checkpoints/120" if framework == "jax" else "checkpoint.pt")  # 120 steps per epoch
-    while not epoch_1_saved.exists():
+    while not epoch_1_logged(run):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.1)
@@ -82,19 +88,111 @@ def test_sigkill_mid_epoch_then_resume_is_identical(framework, reference, tmp_pa
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)  # bit-identical on CPU
 
 
-def test_ctrl_c_saves_mid_epoch_and_resumes_identically(reference, tmp_path):
+def last_line(stderr: str) -> str:
+    """The last line of stderr, after the progress bars (which redraw themselves with \\r)."""
+    return stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("framework, sig", [("jax", signal.SIGINT), ("jax", signal.SIGTERM), ("torch", signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_saves_mid_epoch_and_resumes_identically(framework, sig, reference, tmp_path):
     run = tmp_path / "interrupted"
-    result = stop_mid_epoch_2("jax", run, signal.SIGINT)
-    assert result.returncode == 130, result.stderr
-    assert "saved epoch 2, step" in result.stdout + result.stderr
-    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] % 120 != 0  # a checkpoint inside epoch 2 (120 steps per epoch), not at its end
+    result = stop_mid_epoch_2(framework, run, sig)
+    assert result.returncode == 128 + sig, result.stderr  # 130 for Ctrl-C, 143 for SIGTERM
+    line = last_line(result.stderr)
+    assert line.startswith(f"interrupted: {signal.Signals(sig).name}; saved epoch 2, step "), line
+    assert line.endswith(f"continue with --resume {run}") and "Traceback" not in result.stderr
+    if framework == "jax":
+        saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+        assert saved[-1] % 120 != 0  # a checkpoint inside epoch 2 (120 steps per epoch), not at its end
+    assert len(metrics(run)) == 1
+    resumed = subprocess.run(command(framework, "--resume", str(run)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run) == metrics(reference[framework])
+    want, got = final_params(framework, reference[framework]), final_params(framework, run)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_identically(framework, reference, tmp_path):
+    """From the end of epoch 1 on, no file can grow (a file-size limit of 0 set on the running
+    process: EFBIG, the way a full disk gives ENOSPC, without privileges). Epoch 2's checkpoint
+    fails: one line, exit 1, epoch 2 not logged, nothing half-written; the run resumes exactly."""
+    run = tmp_path / "full"
+    # No compilation cache: its writes would fail too, and each with its own warning.
+    proc = subprocess.Popen(command(framework, *SMALL, "--no-compile-cache", "--out", str(run)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not epoch_1_logged(run):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (0, 0))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    line = last_line(err)
+    assert line.startswith("error: ") and "File too large (EFBIG)" in line and str(run) in line, line
+    assert f"--resume {run}" in line and "Traceback" not in err
+    assert len(metrics(run)) == 1  # epoch 2 is not logged: its checkpoint was never committed
+    leftovers = [p for p in run.rglob("*") if ".tmp" in p.name or "orbax-checkpoint-tmp" in p.name]
+    assert leftovers == []
+    if framework == "jax":
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["120"]
+    resumed = subprocess.run(command(framework, "--resume", str(run)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run) == metrics(reference[framework])
+    want, got = final_params(framework, reference[framework]), final_params(framework, run)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+# The training script, with the metrics log failing (a full disk) when epoch 2 is logged: after
+# its checkpoint is committed, before its line is written.
+LOG_FAILS_AT_EPOCH_2 = """
+import errno, os, sys
+from common import runlog
+log_epoch = runlog.RunLog.log_epoch
+def failing(self, metrics):
+    if metrics["epoch"] == 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+    log_epoch(self, metrics)
+runlog.RunLog.log_epoch = failing
+from common.cli import train_main
+train_main("jax_impl.train", "", sys.argv[1:])
+"""
+
+
+def test_a_log_line_lost_after_its_checkpoint_is_written_on_resume(reference, tmp_path):
+    run = tmp_path / "lost"
+    result = subprocess.run([sys.executable, "-c", LOG_FAILS_AT_EPOCH_2, *SMALL, "--out", str(run)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr
+    line = last_line(result.stderr)
+    assert line.startswith(f"error: {run / 'metrics.jsonl'}: No space left on device (ENOSPC)"), line
+    assert len(metrics(run)) == 1
     resumed = subprocess.run(command("jax", "--resume", str(run)), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert metrics(run) == metrics(reference["jax"])
+    assert metrics(run) == metrics(reference["jax"])  # the line came from the checkpoint; no step was redone
+    assert (run / "samples.png").exists()
     want, got = final_params("jax", reference["jax"]), final_params("jax", run)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    run = tmp_path / "done"
+    assert subprocess.run(command("jax", "--dry-run", "--out", str(run)), capture_output=True, timeout=600).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = subprocess.run(command("jax", "--resume", str(run)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{run}: this run is finished (1 of 1 epochs); nothing to resume"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    for flags, named in ((["--epochs", "3", "--lr", "0.5"], ["--epochs 3", "--lr 0.5"]), (["--overwrite"], ["--overwrite"])):
+        refused = subprocess.run(command("jax", "--resume", str(run), *flags), capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(flag in lines[0] for flag in named), refused.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_same_seed_twice_gives_identical_metrics(tmp_path):
@@ -111,8 +209,13 @@ def test_resume_of_a_missing_run_is_one_line(tmp_path):
     assert result.stderr.strip().startswith("error: --resume") and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+def test_non_finite_loss_stops_with_a_one_line_message(tmp_path):
     run = tmp_path / "diverged"
-    result = subprocess.run(command("jax", *SMALL, "--lr", "1e30", "--out", str(run)), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1
-    assert "not finite" in result.stderr and "Traceback" not in result.stderr
+    # Decoupled weight decay of lr * weight_decay = 100 per step multiplies the weights by -99
+    # each step: they overflow within epoch 1.
+    result = subprocess.run(command("jax", *SMALL, "--lr", "10", "--weight-decay", "10", "--out", str(run)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr
+    line = last_line(result.stderr)
+    assert "epoch 1" in line and "not finite" in line and "no checkpoint was saved yet" in line, line
+    assert "Traceback" not in result.stderr and not (run / "metrics.jsonl").exists()
