@@ -1,22 +1,31 @@
-"""Benchmark JAX and PyTorch side by side, in one run, on whatever backend is present.
+"""Benchmark JAX and PyTorch side by side, in one run, on the CPU or a GPU.
 
-    python scripts/benchmark.py [--batch-sizes 32,128,512] [--steps N] [--json OUT] [--markdown OUT] [--quick]
+    python scripts/benchmark.py [--batch-sizes 32,128,512] [--steps N] [--device auto|cpu|cuda]
+                                [--json OUT] [--markdown OUT] [--quick]
 
-Paths are measured in rounds that alternate between them, so machine noise hits all
-alike. Per path and batch size: first call (compile) time, step time median/p10/p90,
-images/s, GFLOP/s (FLOPs per step from XLA's cost analysis of the compiled JAX step; the
-same count is used for torch, which runs the same math), and peak resident memory
-(each path measured alone in a child process). Also: a matmul ceiling of this machine,
-epoch wall time, and time to reach 99.0% test digit and sum accuracy with the default recipe.
-The JAX step data-parallel over 2 devices ("train_step_2dev", --devices 2; on a CPU, the host
-split in two by XLA_FLAGS) needs its own process: it is timed alone, in a child, after the others.
+JAX runs on its default backend (a GPU when it has one; JAX_PLATFORMS respected), PyTorch on
+--device (auto: CUDA when PyTorch sees a GPU). Per path and batch size: the first call's time
+(compilation and warm-up) apart from the step times, which are the median and p10-p90 of timed
+calls that each end with a device synchronisation; images/s; GFLOP/s (FLOPs per step from XLA's
+cost analysis of the compiled JAX step; PyTorch runs the same math, so the same count is used
+for it) and its share of the measured ceilings; memory. Paths are measured in rounds that
+alternate between them, so machine noise hits all alike. Then each framework trains its
+fastest recipe for this kind of chip, epoch by epoch in turn, until 99.0% test digit and sum.
+
+On a CPU (benchmarks/cpu.*): JAX's train step (16 steps per compiled call, what train_jax.py
+runs) and one step per call, PyTorch eager and torch.compile, at batch 32, 128, 512; peak RSS
+per path in a child process; the JAX step data-parallel over 2 host devices in a child of its own.
+On a GPU: JAX in fp32 and bf16, its steps in a lax.scan (this backend's default) or unrolled, and
+a whole epoch per call; PyTorch eager, torch.compile, and torch.compile with CUDA graphs; at
+batch 128, 512, 2048, 8192; the device memory of each path; the ceilings of bf16 and fp32
+matmuls and of a device-to-device copy in each framework; the default recipe in fp32 and bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
 import platform
 import resource
@@ -31,60 +40,135 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import numpy as np  # noqa: E402
 
 from common.cli import UserError, run_main  # noqa: E402
-from common.malloc import keep_freed_memory  # noqa: E402
+
+SUITES = {
+    "cpu": [("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")],
+    "accelerator": [("jax", "train_step"), ("jax", "train_step_bf16"), ("jax", "train_step_unrolled"), ("jax", "epoch_step"),
+                    ("torch", "eager"), ("torch", "compile"), ("torch", "compile_cudagraphs")],
+}
+BATCH_SIZES = {"cpu": "32,128,512", "accelerator": "128,512,2048,8192"}
+UNROLLED_BATCHES = (128, 512)  # the unrolled step only where a recipe trains: it is the slowest to compile
+TORCH_COMPILE = {"eager": None, "compile": "default", "compile_cudagraphs": "reduce-overhead"}
+TARGET = 0.99
+
+# The recipe of the time-to-99% run on an accelerator. A GPU stays busy with larger batches, so
+# fewer, larger steps at a higher learning rate; the digit design, whose sum is right as soon as
+# its digit is; no translation (it slows the first epochs); a whole epoch per compiled call.
+ACCELERATOR_RECIPE = {"design": "digit", "batch_size": 512, "lr": 5e-3, "warmup_epochs": 0.3, "shift": 0, "epochs": 4}
 
 
 # --- the measured paths -----------------------------------------------------
 
 
-def make_path(framework: str, variant: str, batch_size: int, train):
-    """Returns (run(k_steps) -> None that blocks until done, steps per call, flops per step or None)."""
-    from common.config import Config
+def path_config(framework: str, variant: str, batch_size: int, base, n_train: int):
+    """The Config a path trains with (`base` with the variant's changes)."""
+    from common.loop import steps_per_epoch
 
-    # "train_step" is exactly what train_jax.py runs (the default steps per call); "single_step"
-    # compiles one step per call, to show what fusing steps buys.
-    cfg = replace(Config(), batch_size=batch_size)
+    cfg = replace(base, batch_size=batch_size)
     if variant == "single_step":
         cfg = replace(cfg, steps_per_call=1)
     if variant == "train_step_2dev":
         cfg = replace(cfg, devices=2)
-    steps_per_call = cfg.steps_per_call if framework == "jax" else 1
-    rng = np.random.default_rng(0)
+    if variant.endswith("_bf16"):
+        cfg = replace(cfg, precision="bf16")
+    if variant == "epoch_step":
+        cfg = replace(cfg, steps_per_call=steps_per_epoch(cfg, n_train))
+    return cfg
 
-    def batches(k):
-        return rng.integers(0, len(train), size=(k, batch_size)), rng.integers(0, 2 * cfg.shift + 1, size=(k, batch_size, 2))
 
+def make_trainer(framework: str, variant: str, cfg, train, total_steps: int = 10_000):
     if framework == "jax":
         from jax_impl.train import JaxTrainer
 
-        trainer = JaxTrainer(cfg, train, total_steps=10_000)
-        idx, shifts = batches(steps_per_call)
-        compiled = trainer._train.lower(trainer.state, trainer.dataset, *trainer.place_batch(idx, shifts)).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0)) / steps_per_call or None
-
-        def run(k):
-            for _ in range(k // steps_per_call):
-                trainer.train_steps(*batches(steps_per_call))  # returns numpy: blocks until done
-
-        return run, steps_per_call, flops
-
-    import torch
-
+        # A whole epoch per call needs the loop that compiles one step whatever the count.
+        loop = "unroll" if variant == "train_step_unrolled" else "scan" if variant == "epoch_step" else None
+        return JaxTrainer(cfg, train, total_steps, loop=loop)
     from torch_ref.train import TorchTrainer
 
-    trainer = TorchTrainer(cfg, train, total_steps=10_000)
-    if variant == "compile":
-        trainer.model = torch.compile(trainer.model)
-
-    def run(k):
-        trainer.train_steps(*batches(k))
-
-    return run, 1, None
+    return TorchTrainer(cfg, train, total_steps, compile_mode=TORCH_COMPILE[variant])
 
 
-PATHS = [("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")]
+def warm_up(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> None:
+    """One call, then waits for JAX's fused program if it compiles in the background
+    (jax_impl/warm_start.py), so that every timed call runs the program it is timed for."""
+    trainer.train_steps(batch_indices, shifts)
+    getattr(getattr(trainer, "_train", None), "wait_until_compiled", lambda: None)()
+
+
+def synchronize(framework: str, trainer) -> None:
+    if framework == "jax":
+        import jax
+
+        jax.block_until_ready(trainer.state)
+    elif trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(trainer.device)
+
+
+def make_path(framework: str, variant: str, batch_size: int, train, base):
+    """Returns (trainer, run(k_steps) -> None that ends with a device synchronisation, steps per
+    call, the first call's batch). `base`: the Config the variant changes (PyTorch's device is
+    its `device`). Batches come from a small pool drawn beforehand, so no drawing is timed."""
+    cfg = path_config(framework, variant, batch_size, base, len(train))
+    trainer = make_trainer(framework, variant, cfg, train)
+    per_call = cfg.steps_per_call
+    rng = np.random.default_rng(0)
+    pool = [(rng.integers(0, len(train), size=(per_call, batch_size)),
+             rng.integers(0, 2 * cfg.shift + 1, size=(per_call, batch_size, 2)) if cfg.shift else None) for _ in range(4)]
+    calls = 0
+
+    def run(k: int) -> None:
+        nonlocal calls
+        for _ in range(max(1, k // per_call)):
+            trainer.train_steps(*pool[calls % len(pool)])
+            calls += 1
+        synchronize(framework, trainer)
+
+    return trainer, run, per_call, pool[0]
+
+
+def xla_analysis(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> dict:
+    """FLOPs and bytes per step (XLA's cost analysis of the compiled call) and the device memory
+    the call needs (its arguments, outputs and scratch, donated state counted once)."""
+    fused = getattr(trainer._train, "_fused", None)  # the program jax_impl/warm_start.py compiled, if any
+    if fused is not None and len(batch_indices) == trainer._train.steps_per_call:
+        compiled = fused.result()
+    else:
+        compiled = trainer._train.train.lower(trainer.state, trainer.dataset, *trainer.place_batch(batch_indices, shifts)).compile()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    k = len(batch_indices)
+    out = {"flops_per_step": float(cost.get("flops", 0.0)) / k or None,
+           "bytes_per_step": float(cost.get("bytes accessed", 0.0)) / k or None}
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        out["device_mb"] = total / 2**20
+    except Exception:  # not every backend reports it
+        out["device_mb"] = None
+    return out
+
+
+TORCH_PEAK_BYTES = [0]  # the process's peak, kept across the per-path resets below
+
+
+def torch_device_mb(trainer, run, per_call: int) -> float | None:
+    """The CUDA memory one call of a PyTorch path needs at its peak: the trainer's own tensors
+    (training set, parameters, gradients, Adam moments) plus what the call allocates on top."""
+    import torch
+
+    if trainer.device.type != "cuda":
+        return None
+    TORCH_PEAK_BYTES[0] = max(TORCH_PEAK_BYTES[0], torch.cuda.max_memory_allocated(trainer.device))
+    tensors = [trainer.images, trainer.labels, trainer.numbers, *trainer.model.parameters()]
+    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    tensors += [t for state in trainer.opt.state.values() for t in state.values() if torch.is_tensor(t)]
+    own = sum(t.numel() * t.element_size() for t in tensors)
+    torch.cuda.reset_peak_memory_stats(trainer.device)
+    before = torch.cuda.memory_allocated(trainer.device)
+    run(per_call)
+    return (own + torch.cuda.max_memory_allocated(trainer.device) - before) / 2**20
 
 
 def peak_rss_mb() -> float:
@@ -96,31 +180,32 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def device_peak_mb(framework: str) -> float | None:
-    if framework == "jax":
-        import jax
-
-        stats = jax.devices()[0].memory_stats() or {}
-        return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def probe_memory(spec: str) -> None:
+def probe_memory(spec: str, device: str) -> None:
     """Child process: one path alone, compile + 10 steps; prints its peak RSS as JSON."""
     framework, variant, batch = spec.split(":")
-    from common.loop import load_splits
     from common.config import Config
+    from common.loop import load_splits
 
     train, _ = load_splits(Config())
-    run, per_call, _ = make_path(framework, variant, int(batch), train)
+    _, run, per_call, first = make_path(framework, variant, int(batch), train, replace(Config(), device=device))
     run(per_call)
     run(10 * per_call)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "device_peak_mb": device_peak_mb(framework)}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
-def per_step_times(run, per_call: int, calls: int) -> list[float]:
+def child_args(args) -> list[str]:
+    return [sys.executable, __file__, "--device", args.device]
+
+
+def child_memory(args, framework: str, variant: str, batch: int) -> dict:
+    out = subprocess.run([*child_args(args), "--probe-memory", f"{framework}:{variant}:{batch}"],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return {"peak_rss_mb": None}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def per_call_times(run, per_call: int, calls: int) -> list[float]:
     """Times `calls` calls of `per_call` steps each, one sample (seconds per step) per call."""
     return [_timed(lambda: run(per_call)) / per_call for _ in range(calls)]
 
@@ -134,56 +219,35 @@ def probe_two_devices(spec: str) -> None:
 
     train, _ = load_splits(Config())
     start = time.perf_counter()
-    run, per_call, _ = make_path("jax", "train_step_2dev", batch, train)
-    run(per_call)
+    trainer, run, per_call, first = make_path("jax", "train_step_2dev", batch, train, Config())
+    warm_up(trainer, *first)
     compile_s = time.perf_counter() - start
     run(2 * per_call)
-    times = per_step_times(run, per_call, calls=-(-steps // per_call))
-    print(json.dumps({"compile_s": compile_s, "times": times, "steps": len(times) * per_call, "peak_rss_mb": peak_rss_mb(),
-                      "device_peak_mb": device_peak_mb("jax")}))
+    times = per_call_times(run, per_call, calls=-(-steps // per_call))
+    print(json.dumps({"compile_s": compile_s, "times": times, "steps": len(times) * per_call, "peak_rss_mb": peak_rss_mb()}))
 
 
-def two_devices_row(batch: int, steps: int, flops: float | None) -> dict:
+def summary(times: list[float], batch: int) -> dict:
+    times = np.asarray(times)
+    median = float(np.median(times))
+    return {"step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+            "step_ms_p90": 1e3 * float(np.percentile(times, 90)), "images_per_s": batch / median}
+
+
+def two_devices_row(args, batch: int, steps: int, flops: float | None) -> dict:
     """The train_step_2dev row, measured in a child whose XLA sees the host as 2 devices."""
     row = {"framework": "jax", "variant": "train_step_2dev", "batch_size": batch}
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()}
-    out = subprocess.run([sys.executable, __file__, "--probe-two-devices", f"{batch}:{steps}"], env=env,
+    out = subprocess.run([*child_args(args), "--probe-two-devices", f"{batch}:{steps}"], env=env,
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         return {**row, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     child = json.loads(out.stdout.strip().splitlines()[-1])
-    times = np.asarray(child["times"])
-    median = float(np.median(times))
-    return {**row, "steps_measured": child["steps"], "compile_s": child["compile_s"], "step_ms_median": 1e3 * median,
-            "step_ms_p10": 1e3 * float(np.percentile(times, 10)), "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
-            "images_per_s": batch / median, "gflops_per_s": flops / median / 1e9 if flops else None,
-            "flops_per_step": flops, "peak_rss_mb": child["peak_rss_mb"], "device_peak_mb": child["device_peak_mb"]}
-
-
-def child_memory(framework: str, variant: str, batch: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--probe-memory", f"{framework}:{variant}:{batch}"],
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        return {"peak_rss_mb": None, "device_peak_mb": None}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**row, "steps_measured": child["steps"], "compile_s": child["compile_s"], **summary(child["times"], batch),
+            "flops_per_step": flops, "peak_rss_mb": child["peak_rss_mb"]}
 
 
 # --- machine facts ------------------------------------------------------------
-
-
-def matmul_ceiling(n: int = 4096, repeats: int = 5) -> dict:
-    """GFLOP/s of a large fp32 GEMM through XLA (and torch, for reference)."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    xla = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
-    t = torch.ones(n, n)
-    torch_s = min(_timed(lambda: t @ t) for _ in range(repeats))
-    return {"n": n, "xla_gflops_per_s": 2 * n**3 / xla / 1e9, "torch_gflops_per_s": 2 * n**3 / torch_s / 1e9}
 
 
 def _timed(fn) -> float:
@@ -192,9 +256,43 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def machine() -> dict:
+def ceilings(n: int, dtypes: tuple[str, ...], torch_device, repeats: int, copy_mb: int) -> dict:
+    """What this chip measures at its best: GFLOP/s of an n x n matmul per dtype, and GB/s of a
+    device-to-device copy (bytes read plus bytes written), in each framework, each the best of
+    `repeats`. The fp32 matmuls run at each framework's training precision (TF32 on NVIDIA GPUs)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    def best(fn, sync) -> float:
+        fn()
+        sync()
+        return min(_timed(lambda: (fn(), sync())) for _ in range(repeats))
+
+    sync_torch = (lambda: torch.cuda.synchronize(torch_device)) if torch_device.type == "cuda" else (lambda: None)
+    out = {"matmul_n": n, "copy_mb": copy_mb}
+    for name in dtypes:
+        a = jnp.ones((n, n), {"fp32": jnp.float32, "bf16": jnp.bfloat16}[name])
+        mm = jax.jit(lambda x: x @ x)
+        result = {}
+        out[f"jax_{name}_gflops_per_s"] = 2 * n**3 / best(lambda: result.update(y=mm(a)), lambda: result["y"].block_until_ready()) / 1e9
+        t = torch.ones(n, n, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name], device=torch_device)
+        out[f"torch_{name}_gflops_per_s"] = 2 * n**3 / best(lambda: t @ t, sync_torch) / 1e9
+    elements = copy_mb * 2**20 // 4
+    x = jnp.ones(elements, jnp.float32)
+    cp = jax.jit(lambda v: v.copy())
+    result = {}
+    out["jax_copy_gb_per_s"] = 2 * 4 * elements / best(lambda: result.update(y=cp(x)), lambda: result["y"].block_until_ready()) / 1e9
+    src, dst = torch.ones(elements, device=torch_device), torch.empty(elements, device=torch_device)
+    out["torch_copy_gb_per_s"] = 2 * 4 * elements / best(lambda: dst.copy_(src), sync_torch) / 1e9
+    return out
+
+
+def machine(torch_device) -> dict:
     import jax
     import torch
+
+    from torch_ref.train import environment
 
     cpu = platform.processor()
     try:
@@ -202,193 +300,358 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "jax": jax.__version__, "torch": torch.__version__,
+            "devices": [str(d) for d in jax.devices()], "jax_device": jax.devices()[0].device_kind,
+            "torch_device": environment(torch_device)["device_name"], "jax": jax.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 # --- step timing, alternating -------------------------------------------------
 
 
-def bench_steps(batch_sizes: list[int], steps: int, train, with_memory: bool) -> list[dict]:
+def chosen_paths(suite: str, only: str | None) -> list[tuple[str, str]]:
+    """The suite's paths (on a CPU with the 2-device one), or those named in --only."""
+    paths = SUITES[suite] + ([("jax", "train_step_2dev")] if suite == "cpu" else [])
+    if only is None:
+        return paths
+    wanted = set(only.split(","))
+    unknown = wanted - {variant for _, variant in paths}
+    if unknown:
+        raise UserError(f"--only: no variant {', '.join(sorted(unknown))} here; choose from {', '.join(v for _, v in paths)}")
+    return [p for p in paths if p[1] in wanted]
+
+
+def bench_steps(args, suite: str, batch_sizes: list[int], train) -> list[dict]:
     from tqdm import tqdm
 
+    from common.config import Config
+
+    paths = chosen_paths(suite, args.only)
+    base = replace(Config(), device=args.device)
     results = []
     for batch in batch_sizes:
         live = {}
-        for framework, variant in PATHS:
+        for framework, variant in paths:
+            if variant == "train_step_2dev" or (variant == "train_step_unrolled" and batch not in UNROLLED_BATCHES and not args.quick):
+                continue
             start = time.perf_counter()
             try:
-                run, per_call, flops = make_path(framework, variant, batch, train)
-                run(per_call)  # first call: compiles (JAX jit, torch.compile) and warms caches
-                live[(framework, variant)] = {"run": run, "per_call": per_call, "flops": flops,
+                trainer, run, per_call, first = make_path(framework, variant, batch, train, base)
+                warm_up(trainer, *first)  # the first call: compiles (JAX, torch.compile) and warms caches
+                live[(framework, variant)] = {"trainer": trainer, "run": run, "per_call": per_call, "first": first,
                                               "compile_s": time.perf_counter() - start, "times": []}
             except Exception as e:  # torch.compile needs a C++ toolchain and can fail: record it
                 results.append({"framework": framework, "variant": variant, "batch_size": batch,
-                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"})
         for path in live.values():
-            path["run"](2 * path["per_call"])  # warm-up
-        block = math.lcm(*(p["per_call"] for p in live.values()))  # steps per path per round
-        rounds = max(1, -(-steps // block))
+            path["run"](2 * path["per_call"])  # warm-up, not timed
+        # Each round runs every path for about the same number of steps, in whole calls; a path
+        # whose call is a whole epoch gets at least five calls, for a spread.
+        block = max((p["per_call"] for p in live.values()), default=16)
+        rounds = max(-(-args.steps // block), 5 if block > 16 else 1)
         for _ in tqdm(range(rounds), desc=f"batch {batch}", leave=False):
             for path in live.values():
-                path["times"] += per_step_times(path["run"], path["per_call"], calls=block // path["per_call"])
-        flops = next((p["flops"] for (fw, _), p in live.items() if fw == "jax" and p["flops"]), None)
+                path["times"] += per_call_times(path["run"], path["per_call"], calls=max(1, round(block / path["per_call"])))
+        analysis = {key: xla_analysis(p["trainer"], *p["first"]) for key, p in live.items() if key[0] == "jax"}
+        flops = next((a["flops_per_step"] for (fw, v), a in analysis.items() if v == "train_step" and a["flops_per_step"]), None)
         for (framework, variant), path in live.items():
-            times = np.asarray(path["times"])
-            median = float(np.median(times))
-            row = {"framework": framework, "variant": variant, "batch_size": batch, "steps_measured": rounds * block,
-                   "compile_s": path["compile_s"], "step_ms_median": 1e3 * median,
-                   "step_ms_p10": 1e3 * float(np.percentile(times, 10)), "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
-                   "images_per_s": batch / median, "gflops_per_s": flops / median / 1e9 if flops else None,
-                   "flops_per_step": flops}
-            if with_memory:
-                row.update(child_memory(framework, variant, batch))
+            row = {"framework": framework, "variant": variant, "batch_size": batch, "steps_per_call": path["per_call"],
+                   "steps_measured": len(path["times"]) * path["per_call"], "compile_s": path["compile_s"],
+                   **summary(path["times"], batch), "flops_per_step": flops}
+            if framework == "jax":
+                row.update(analysis[(framework, variant)])
+                row["flops_per_step"] = row["flops_per_step"] or flops
+            else:
+                row["device_mb"] = torch_device_mb(path["trainer"], path["run"], path["per_call"])
+            if suite == "cpu" and not args.quick:
+                row.update(child_memory(args, framework, variant, batch))
             results.append(row)
-        results.append(two_devices_row(batch, rounds * block, flops))
+        for path in live.values():
+            getattr(path["trainer"], "close", lambda: None)()  # JAX's background compile thread
+        del live
+        if ("jax", "train_step_2dev") in paths:
+            results.append(two_devices_row(args, batch, rounds * block, flops))
     return results
 
 
-def add_ratios(results: list[dict]) -> None:
+def add_shares(results: list[dict], ceiling: dict, n_train: int, suite: str) -> None:
+    """Per row: GFLOP/s and its share of the matmul ceiling of its framework and precision, the
+    epoch it implies, its throughput against PyTorch eager and PyTorch's best at the same batch
+    size, and on an accelerator its share of the copy bandwidth (JAX rows: the bytes XLA counts,
+    an upper bound of the memory traffic; a CPU's caches make that count meaningless there)."""
     for row in results:
-        eager = next((r for r in results if r["batch_size"] == row["batch_size"] and r["variant"] == "eager"
-                      and "error" not in r), None)
-        if eager and "error" not in row:
+        if "error" in row:
+            continue
+        median = row["step_ms_median"] / 1e3
+        flops, moved = row.get("flops_per_step"), row.get("bytes_per_step")
+        row["gflops_per_s"] = flops / median / 1e9 if flops else None
+        dtype = "bf16" if row["variant"].endswith("_bf16") else "fp32"
+        peak = ceiling.get(f"{row['framework']}_{dtype}_gflops_per_s")
+        row["pct_of_matmul_ceiling"] = 100 * row["gflops_per_s"] / peak if row["gflops_per_s"] and peak else None
+        copy_bw = ceiling.get(f"{row['framework']}_copy_gb_per_s")
+        row["pct_of_copy_bandwidth"] = 100 * moved / median / 1e9 / copy_bw if moved and copy_bw and suite != "cpu" else None
+        row["epoch_s"] = (n_train // row["batch_size"]) * median
+        torch_rows = [r for r in results if r["framework"] == "torch" and r["batch_size"] == row["batch_size"] and "error" not in r]
+        eager = next((r for r in torch_rows if r["variant"] == "eager"), None)
+        if eager:
             row["throughput_vs_torch_eager"] = row["images_per_s"] / eager["images_per_s"]
+        if torch_rows:
+            row["throughput_vs_torch_best"] = row["images_per_s"] / max(r["images_per_s"] for r in torch_rows)
 
 
-# --- epochs and time to accuracy, alternating ------------------------------------
+# --- training runs: time to accuracy, alternating ------------------------------------
 
 
-def time_to_accuracy(target: float, max_epochs: int, quick: bool) -> list[dict]:
-    """Trains both frameworks with the default recipe, one epoch each in turn, until both test
-    accuracies reach `target`; wall time counts training and compile, not data loading or evaluation."""
+def recipe_flags(cfg) -> str:
+    """The flags of train_*.py that give `cfg` (its fields that differ from the defaults)."""
+    from dataclasses import fields
+
     from common.config import Config
+
+    default = Config()
+    return " ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(cfg)
+                    if f.name not in ("device", "preset") and getattr(cfg, f.name) != getattr(default, f.name)) or "(defaults)"
+
+
+def fastest(results: list[dict], framework: str, batch: int, allowed: tuple[str, ...]) -> str:
+    rows = [r for r in results if r["framework"] == framework and r["batch_size"] == batch and r["variant"] in allowed and "error" not in r]
+    return min(rows, key=lambda r: r["step_ms_median"])["variant"] if rows else allowed[0]
+
+
+def training_runs(suite: str, results: list[dict], torch_device: str) -> list[dict]:
+    """What trains until the target (or through all its epochs): on a CPU both frameworks with
+    the default recipe; on an accelerator each framework's fastest variant of the accelerator
+    recipe, and JAX's default recipe in fp32 and bf16 (the bf16 accuracy goal)."""
+    from common.config import Config
+
+    base = replace(Config(), device=torch_device)
+    if suite == "cpu":
+        return [{"name": "default", "framework": "jax", "variant": "train_step", "cfg": base, "until_target": True},
+                {"name": "default", "framework": "torch", "variant": "eager", "cfg": base, "until_target": True}]
+    recipe = replace(base, **ACCELERATOR_RECIPE)
+    batch = recipe.batch_size
+    return [{"name": "accelerator", "framework": "jax", "cfg": recipe, "until_target": True,
+             "variant": fastest(results, "jax", batch, ("epoch_step", "train_step", "train_step_unrolled"))},
+            {"name": "accelerator", "framework": "torch", "cfg": recipe, "until_target": True,
+             "variant": fastest(results, "torch", batch, ("eager", "compile", "compile_cudagraphs"))},
+            {"name": "default fp32", "framework": "jax", "variant": "train_step", "cfg": base, "until_target": False},
+            {"name": "default bf16", "framework": "jax", "variant": "train_step_bf16", "cfg": base, "until_target": False}]
+
+
+def snapshot(framework: str, trainer):
+    """The training state, to train again from it after a warm-up."""
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return jax.tree.map(jnp.copy, trainer.state)  # the step donates the state it is given
+    return copy.deepcopy({"model": trainer.model.state_dict(), "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict()})
+
+
+def restore(framework: str, trainer, saved) -> None:
+    if framework == "jax":
+        trainer.state = saved
+        return
+    trainer.model.load_state_dict(saved["model"])  # copies into the same parameters: compiled graphs stay valid
+    trainer.opt.load_state_dict(saved["opt"])
+    trainer.sched.load_state_dict(saved["sched"])
+
+
+def time_to_accuracy(runs: list[dict], max_epochs: int | None, quick: bool) -> list[dict]:
+    """Trains each run epoch by epoch, the runs in turn. Each compiles and warms up first on a
+    copy of its initial state (reported as compile_s); the training time counts the steps after
+    that, up to a device synchronisation, not data loading or the per-epoch evaluation."""
     from common.loop import epoch_plan, load_splits, steps_per_epoch
     from common.metrics import score
-    from jax_impl.train import JaxTrainer
-    from torch_ref.train import TorchTrainer
 
-    cfg = Config()
-    train, test = load_splits(cfg)
-    total = steps_per_epoch(cfg, len(train)) * cfg.epochs
-    trainers = {"jax": JaxTrainer(cfg, train, total), "torch": TorchTrainer(cfg, train, total)}
-    state = {fw: {"train_s": 0.0, "epochs": [], "reached": None} for fw in trainers}
-    for epoch in range(1, max_epochs + 1):
-        batches, shifts = epoch_plan(cfg, len(train), epoch)
-        if quick:
-            batches, shifts = batches[:20], shifts[:20]
-        for fw, trainer in trainers.items():
-            if state[fw]["reached"]:
+    def plan(run: dict, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        batches, shifts = epoch_plan(run["cfg"], len(run["train"]), epoch)
+        return (batches[:20], None if shifts is None else shifts[:20]) if quick else (batches, shifts)
+
+    for run in runs:
+        train, test = load_splits(run["cfg"])
+        cfg = run["cfg"] = path_config(run["framework"], run["variant"], run["cfg"].batch_size, run["cfg"], len(train))
+        run.update(train=train, test=test, train_s=0.0, epochs=[], reached=None,
+                   chunk=cfg.steps_per_call, total_epochs=min(max_epochs or cfg.epochs, cfg.epochs))
+        run["trainer"] = trainer = make_trainer(run["framework"], run["variant"], cfg, train,
+                                                steps_per_epoch(cfg, len(train)) * cfg.epochs)
+        batches, shifts = plan(run, 1)
+        start, saved = time.perf_counter(), snapshot(run["framework"], trainer)
+        for size in sorted({min(run["chunk"], len(batches) - i) for i in range(0, len(batches), run["chunk"])}):
+            warm_up(trainer, batches[:size], None if shifts is None else shifts[:size])  # every shape an epoch uses
+        synchronize(run["framework"], trainer)
+        restore(run["framework"], trainer, saved)
+        run["compile_s"] = time.perf_counter() - start
+    for epoch in range(1, max(r["total_epochs"] for r in runs) + 1):
+        for run in runs:
+            if epoch > run["total_epochs"] or (run["until_target"] and run["reached"]):
                 continue
-            k = cfg.steps_per_call if fw == "jax" else len(batches)
+            trainer = run["trainer"]
+            batches, shifts = plan(run, epoch)
             start = time.perf_counter()
-            for i in range(0, len(batches), k):
-                trainer.train_steps(batches[i : i + k], shifts[i : i + k])
+            for i in range(0, len(batches), run["chunk"]):
+                trainer.train_steps(batches[i : i + run["chunk"]], None if shifts is None else shifts[i : i + run["chunk"]])
+            synchronize(run["framework"], trainer)
             elapsed = time.perf_counter() - start
-            state[fw]["train_s"] += elapsed
-            m = score(*trainer.predict(test.images, test.numbers), test.labels, test.numbers)
-            state[fw]["epochs"].append({"epoch": epoch, "epoch_s": elapsed, **m})
-            print(f"  {fw:5s} epoch {epoch}: {elapsed:6.1f}s  digit {100 * m['test_digit_acc']:.2f}%  sum {100 * m['test_sum_acc']:.2f}%")
-            if min(m["test_digit_acc"], m["test_sum_acc"]) >= target:
-                state[fw]["reached"] = {"epoch": epoch, "train_s": state[fw]["train_s"]}
-        if all(s["reached"] for s in state.values()):
-            break
-    return [{"framework": fw, "target": target, "epoch_wall_s_first": s["epochs"][0]["epoch_s"],
-             "epoch_wall_s_median": float(np.median([e["epoch_s"] for e in s["epochs"]])),
-             "reached": s["reached"], "epochs": s["epochs"]} for fw, s in state.items()]
+            run["train_s"] += elapsed
+            m = score(*trainer.predict(run["test"].images, run["test"].numbers), run["test"].labels, run["test"].numbers)
+            run["epochs"].append({"epoch": epoch, "epoch_s": elapsed, **m})
+            print(f"  {run['framework']:5s} {run['name']:12s} epoch {epoch}: {elapsed:6.2f}s  "
+                  f"digit {100 * m['test_digit_acc']:.2f}%  sum {100 * m['test_sum_acc']:.2f}%")
+            if run["reached"] is None and min(m["test_digit_acc"], m["test_sum_acc"]) >= TARGET:
+                run["reached"] = {"epoch": epoch, "train_s": run["train_s"]}
+    for run in runs:
+        getattr(run["trainer"], "close", lambda: None)()
+    return [{"name": r["name"], "framework": r["framework"], "variant": r["variant"], "recipe": recipe_flags(r["cfg"]),
+             "target": TARGET, "compile_s": r["compile_s"], "epoch_wall_s_first": r["epochs"][0]["epoch_s"],
+             "epoch_wall_s_median": float(np.median([e["epoch_s"] for e in r["epochs"]])), "reached": r["reached"],
+             "final_test_digit_acc": r["epochs"][-1]["test_digit_acc"], "final_test_sum_acc": r["epochs"][-1]["test_sum_acc"],
+             "epochs": r["epochs"]} for r in runs]
 
 
 # --- report -------------------------------------------------------------------------
 
 
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    ceiling = report["matmul_ceiling"]
+    m, c = report["machine"], report["ceilings"]
     settings = [text for key, text in [("malloc_keeps_freed_memory", "glibc malloc keeps freed memory (`keep_freed_memory`)"),
                                         ("jax_runs_on_calling_thread", "JAX runs single-device calls on the calling thread (`run_on_calling_thread`)")]
                 if m.get(key)]
-    lines = [f"# Benchmark: {m['cpu']} ({m['cores']} cores, {m['backend']}), {m['date']}", "",
-             f"jax {m['jax']}, torch {m['torch']}, python {m['python']}. Matmul ceiling (fp32 {ceiling['n']}^2 GEMM): "
-             f"XLA {ceiling['xla_gflops_per_s']:.0f} GFLOP/s, torch {ceiling['torch_gflops_per_s']:.0f} GFLOP/s."
-             + (f" Process settings of the training scripts: {'; '.join(settings)}." if settings else ""), "",
-             "| framework | variant | batch | compile s | step ms (median) | p10-p90 | images/s | GFLOP/s | % of ceiling | peak RSS MB | vs torch eager |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    peaks = ", ".join(f"{fw}_{d} {c[f'{fw}_{d}_gflops_per_s']:.0f}" for d in ("fp32", "bf16") for fw in ("jax", "torch")
+                      if f"{fw}_{d}_gflops_per_s" in c)
+    lines = [f"# Benchmark: JAX on {m['jax_device']} ({m['backend']}), PyTorch on {m['torch_device']}; {m['cpu']} ({m['cores']} cores), {m['date']}", "",
+             f"jax {m['jax']}, torch {m['torch']}, python {m['python']}. Ceilings: {c['matmul_n']}^2 matmul GFLOP/s {peaks} "
+             f"(fp32 at the training precision); {c['copy_mb']} MB device copy GB/s jax {c['jax_copy_gb_per_s']:.0f}, "
+             f"torch {c['torch_copy_gb_per_s']:.0f}." + (f" Process settings of the training scripts: {'; '.join(settings)}." if settings else ""), "",
+             "| framework | variant | batch | steps/call | compile s | step ms (median) | p10-p90 | images/s | epoch s | GFLOP/s | "
+             "% matmul ceiling | % copy bandwidth | device MB | peak RSS MB | vs torch eager | vs torch best |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | failed: {r['error'][:80]} ||||||||")
+            lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | failed: {r['error'][:80]} |||||||||||||")
             continue
-        g = r["gflops_per_s"]
-        pct = f"{100 * g / ceiling['xla_gflops_per_s']:.0f}%" if g else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"
-        lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r['compile_s']:.2f} | {r['step_ms_median']:.1f} | "
-                     f"{r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f} | {r['images_per_s']:.0f} | {g:.0f} | {pct} | {rss} | "
-                     f"{r.get('throughput_vs_torch_eager', float('nan')):.2f}x |" if g else
-                     f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r['compile_s']:.2f} | {r['step_ms_median']:.1f} | "
-                     f"{r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f} | {r['images_per_s']:.0f} | - | - | {rss} | "
-                     f"{r.get('throughput_vs_torch_eager', float('nan')):.2f}x |")
+        lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r.get('steps_per_call', '-')} | {r['compile_s']:.2f} | "
+                     f"{r['step_ms_median']:.2f} | {r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f} | {r['images_per_s']:.0f} | "
+                     f"{_num(r.get('epoch_s'), '.3f')} | {_num(r.get('gflops_per_s'), '.0f')} | {_num(r.get('pct_of_matmul_ceiling'), '.0f')} | "
+                     f"{_num(r.get('pct_of_copy_bandwidth'), '.0f')} | {_num(r.get('device_mb'), '.0f')} | {_num(r.get('peak_rss_mb'), '.0f')} | "
+                     f"{_num(r.get('throughput_vs_torch_eager'), '.2f')}x | {_num(r.get('throughput_vs_torch_best'), '.2f')}x |")
     if report.get("time_to_accuracy"):
-        lines += ["", "Default recipe, both frameworks trained in turn, one epoch each (training time incl. compile; evaluation excluded):", "",
-                  "| framework | first epoch s | median epoch s | reached 99.0% digit and sum | after |", "|---|---:|---:|---|---:|"]
+        lines += ["", "Training runs, one epoch each in turn (training time after compilation, up to a device synchronisation; "
+                  "evaluation excluded):", "",
+                  "| run | framework | variant | recipe | compile s | first epoch s | median epoch s | reached 99.0% digit and sum | "
+                  "after s | final digit % | final sum % |", "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
         for t in report["time_to_accuracy"]:
             reached = t["reached"]
-            lines.append(f"| {t['framework']} | {t['epoch_wall_s_first']:.1f} | {t['epoch_wall_s_median']:.1f} | "
-                         f"{'epoch ' + str(reached['epoch']) if reached else 'no'} | {reached['train_s']:.0f} s |" if reached else
-                         f"| {t['framework']} | {t['epoch_wall_s_first']:.1f} | {t['epoch_wall_s_median']:.1f} | no | - |")
+            lines.append(f"| {t['name']} | {t['framework']} | {t['variant']} | `{t['recipe']}` | {t['compile_s']:.1f} | "
+                         f"{t['epoch_wall_s_first']:.2f} | {t['epoch_wall_s_median']:.2f} | "
+                         f"{'epoch ' + str(reached['epoch']) if reached else 'no'} | {_num(reached and reached['train_s'], '.2f')} | "
+                         f"{100 * t['final_test_digit_acc']:.2f} | {100 * t['final_test_sum_acc']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
+def start_frameworks(device: str):
+    """The process settings, then JAX, then PyTorch on `device`. JAX starts first: on a GPU it
+    checks the cuDNN it finds loaded, and importing torch loads its own. Returns
+    (torch device, suite, whether malloc keeps freed memory)."""
+    import jax
+
+    from common.config import ConfigError
+    from common.malloc import keep_freed_memory
+    from jax_impl.cpu_speed import tune_cpu_process
+
+    tuned = tune_cpu_process()  # where JAX computes on the CPU: the training scripts' settings
+    jax.devices()
+    from torch_ref.train import allow_tf32, resolve_device
+
+    try:
+        torch_device = resolve_device(device)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if torch_device.type == "cpu":
+        tuned = keep_freed_memory() or tuned
+    else:
+        allow_tf32(True)  # the precision train_torch.py uses there, as JAX's default
+    suite = "cpu" if jax.default_backend() == "cpu" and torch_device.type == "cpu" else "accelerator"
+    return torch_device, suite, tuned
+
+
 def main() -> None:
-    from common.config import OneLineParser
+    from common.config import TORCH_DEVICES, OneLineParser
 
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", default="32,128,512")
+    parser.add_argument("--batch-sizes", default=BATCH_SIZES["cpu"], help=f"default on an accelerator: {BATCH_SIZES['accelerator']}")
     parser.add_argument("--steps", type=int, default=40, help="measured steps per path and batch size (>= 30; rounded up to whole rounds)")
+    parser.add_argument("--device", choices=TORCH_DEVICES, default="auto", help="PyTorch's device (auto: cuda if available)")
     parser.add_argument("--json", default=None, metavar="OUT")
     parser.add_argument("--markdown", default=None, metavar="OUT")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one batch size, few steps, no memory probes, short epochs")
-    parser.add_argument("--max-epochs", type=int, default=None, help="cap for the time-to-accuracy run (default: the recipe's epochs)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap for the training runs (default: each recipe's epochs)")
+    parser.add_argument("--only", default=None, metavar="VARIANTS", help="measure only these variants, e.g. train_step,eager")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    malloc_tuned = keep_freed_memory()  # the process settings of the training scripts, for every path alike
-    from jax_impl.cpu_speed import run_on_calling_thread
-
-    run_on_calling_thread()
-    if args.probe_memory:
-        return probe_memory(args.probe_memory)
-    if args.probe_two_devices:
-        return probe_two_devices(args.probe_two_devices)
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         raise UserError(f"--batch-sizes wants integers separated by commas, got {args.batch_sizes!r}") from None
     if any(b <= 0 for b in batch_sizes) or args.steps <= 0:
         raise UserError("--batch-sizes and --steps must be positive")
+    torch_device, suite, malloc_tuned = start_frameworks(args.device)
+    if args.probe_memory:
+        return probe_memory(args.probe_memory, args.device)
+    if args.probe_two_devices:
+        return probe_two_devices(args.probe_two_devices)
+    if suite == "accelerator" and args.batch_sizes == BATCH_SIZES["cpu"]:
+        batch_sizes = [int(b) for b in BATCH_SIZES["accelerator"].split(",")]
     if args.quick:
         batch_sizes, args.steps = batch_sizes[:1], 8
+    chosen_paths(suite, args.only)  # an unknown --only answers before any work
 
     import jax
 
     from common.config import Config
     from common.loop import load_splits
+    from jax_impl.cpu_speed import runs_on_calling_thread
 
     train, _ = load_splits(Config())
-    on_calling_thread = not jax.config.read("jax_cpu_enable_async_dispatch")  # what JAX was told, read back
-    report = {"machine": {**machine(), "malloc_keeps_freed_memory": malloc_tuned, "jax_runs_on_calling_thread": on_calling_thread},
-              "matmul_ceiling": matmul_ceiling(1024 if args.quick else 4096)}
-    print(f"machine: {report['machine']['cpu']}, matmul ceiling {report['matmul_ceiling']['xla_gflops_per_s']:.0f} GFLOP/s (XLA)")
-    report["results"] = bench_steps(batch_sizes, args.steps, train, with_memory=not args.quick)
-    add_ratios(report["results"])
-    print("time to 99.0% test digit and sum accuracy (default recipe):")
-    report["time_to_accuracy"] = time_to_accuracy(0.99, 1 if args.quick else (args.max_epochs or Config().epochs), args.quick)
+    big = suite == "accelerator" and not args.quick
+    report = {"suite": suite, "machine": {**machine(torch_device), "malloc_keeps_freed_memory": malloc_tuned,
+                                          "jax_runs_on_calling_thread": runs_on_calling_thread()},
+              "ceilings": ceilings(8192 if big else 1024 if args.quick else 4096, ("fp32", "bf16") if suite == "accelerator" else ("fp32",),
+                                   torch_device, repeats=10 if big else 3, copy_mb=1024 if big else 64)}
+    print(f"machine: JAX on {report['machine']['jax_device']}, PyTorch on {report['machine']['torch_device']}; "
+          f"fp32 matmul {report['ceilings']['jax_fp32_gflops_per_s']:.0f} GFLOP/s (XLA)")
+    report["results"] = bench_steps(args, suite, batch_sizes, train)
+    add_shares(report["results"], report["ceilings"], len(train), suite)
+    write(report, args)  # the step rows are kept even if the training runs do not finish
+    print("training runs (time to 99.0% test digit and sum):")
+    runs = training_runs(suite, report["results"], str(torch_device))
+    report["time_to_accuracy"] = time_to_accuracy(runs, 1 if args.quick else args.max_epochs, args.quick)
+    report["device_peak_mb"] = device_peaks(torch_device)
+    print(write(report, args))
+
+
+def write(report: dict, args) -> str:
     table = markdown(report)
-    print(table)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table)
+    for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, table)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+    return table
+
+
+def device_peaks(torch_device) -> dict:
+    """The largest device memory each framework held at once in this process (None on a CPU)."""
+    import jax
+    import torch
+
+    stats = jax.devices()[0].memory_stats() or {}
+    jax_peak = stats.get("peak_bytes_in_use")
+    torch_peak = max(TORCH_PEAK_BYTES[0], torch.cuda.max_memory_allocated(torch_device)) if torch_device.type == "cuda" else None
+    return {"jax": jax_peak / 2**20 if jax_peak else None, "torch": torch_peak / 2**20 if torch_peak else None}
 
 
 if __name__ == "__main__":

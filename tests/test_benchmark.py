@@ -1,29 +1,112 @@
-"""scripts/benchmark.py --quick runs end to end and writes every figure (no timing is asserted)."""
+"""scripts/benchmark.py: --quick runs end to end and writes every figure (no timing is asserted);
+the accelerator suite's paths and its time-to-accuracy mechanics, run on the CPU with a small
+network (the same code a GPU run takes)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import jax
+import numpy as np
+import pytest
+
+from common import data as D
+from common.config import Config
+from common.loop import epoch_plan
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+SMALL = replace(Config(), conv1=4, conv2=8, hidden=16, steps_per_call=4, device="cpu")
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+B = _load_benchmark()
 
 
 def test_quick_benchmark_writes_all_figures(tmp_path, mnist_dir):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--batch-sizes", "16",
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--batch-sizes", "16",
                              "--json", str(out_json), "--markdown", str(out_md)],
-                            capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "MNIST_DIR": str(mnist_dir)})
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "MNIST_DIR": str(mnist_dir)})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out_json.read_text())
-    assert report["machine"]["cores"] >= 1 and report["matmul_ceiling"]["xla_gflops_per_s"] > 0
+    assert report["suite"] == "cpu" and report["machine"]["cores"] >= 1
+    assert report["machine"]["jax_device"] and report["machine"]["torch_device"] == "cpu"
+    assert report["ceilings"]["jax_fp32_gflops_per_s"] > 0 and report["ceilings"]["torch_copy_gb_per_s"] > 0
     rows = {(r["framework"], r["variant"]): r for r in report["results"]}
-    assert {("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")} <= rows.keys()
+    assert {("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile"), ("jax", "train_step_2dev")} <= rows.keys()
     for key in ("jax", "train_step"), ("torch", "eager"):
         row = rows[key]
-        assert row["batch_size"] == 16 and row["step_ms_median"] > 0 and row["images_per_s"] > 0
-        assert row["gflops_per_s"] > 0 and row["compile_s"] > 0 and "throughput_vs_torch_eager" in row
+        assert row["batch_size"] == 16 and row["step_ms_median"] > 0 and row["images_per_s"] > 0 and row["epoch_s"] > 0
+        assert row["gflops_per_s"] > 0 and row["pct_of_matmul_ceiling"] > 0 and row["compile_s"] > 0
+        assert row["throughput_vs_torch_eager"] > 0 and row["throughput_vs_torch_best"] > 0
     assert rows[("jax", "train_step")]["flops_per_step"] > 1e8  # XLA's count for the real step: ~0.5 GFLOP at 16
-    assert {t["framework"] for t in report["time_to_accuracy"]} == {"jax", "torch"}
+    assert rows[("jax", "train_step")]["device_mb"] > 47  # the training set alone is 47 MB
+    assert {(t["framework"], t["name"]) for t in report["time_to_accuracy"]} == {("jax", "default"), ("torch", "default")}
+    assert all(t["compile_s"] > 0 and t["epochs"] for t in report["time_to_accuracy"])
     assert "| jax | train_step | 16 |" in out_md.read_text()
+
+
+def small_split(splits, n: int) -> D.Split:
+    train, _ = splits
+    return D.Split(train.images[:n], train.labels[:n], train.numbers[:n])
+
+
+@pytest.mark.parametrize("framework, variant", [p for p in B.SUITES["accelerator"] if p[1] not in ("compile", "compile_cudagraphs")]
+                         + [("torch", "compile_cudagraphs")])
+def test_every_accelerator_path_runs_here(splits, framework, variant):
+    """Each path of the GPU benchmark builds, warms up and runs its calls on the CPU (a whole
+    epoch per call: the 8 steps of a 128-image split). torch.compile's default mode runs in the
+    quick benchmark above; with CUDA graphs it is the same compile, graphs skipped on a CPU."""
+    split = small_split(splits, 128)
+    trainer, run, per_call, first = B.make_path(framework, variant, 16, split, base=SMALL)
+    assert per_call == {"epoch_step": 8}.get(variant, SMALL.steps_per_call)
+    B.warm_up(trainer, *first)
+    run(2 * per_call)
+    if framework == "jax":
+        analysis = B.xla_analysis(trainer, *first)
+        assert analysis["flops_per_step"] > 1e6 and analysis["device_mb"] > 0
+        assert {x.dtype.name for x in jax.tree.leaves(trainer.state["params"])} == {"float32"}  # bf16 computes, float32 is kept
+    else:
+        assert B.torch_device_mb(trainer, run, per_call) is None  # CUDA memory only
+
+
+@pytest.mark.parametrize("framework, variant", [("jax", "epoch_step"), ("torch", "eager")])
+def test_a_warm_up_on_a_snapshot_leaves_training_unchanged(splits, framework, variant):
+    """The time-to-accuracy runs compile on a copy of the initial state: what they train after
+    is exactly what a trainer without the warm-up trains."""
+    split = small_split(splits, 256)
+    cfg = B.path_config(framework, variant, 16, SMALL, len(split))
+    batches, shifts = epoch_plan(cfg, len(split), 1)
+    plain = B.make_trainer(framework, variant, cfg, split, 100)
+    warmed = B.make_trainer(framework, variant, cfg, split, 100)
+    saved = B.snapshot(framework, warmed)
+    B.warm_up(warmed, batches, shifts)
+    B.restore(framework, warmed, saved)
+    np.testing.assert_array_equal(plain.train_steps(batches, shifts), warmed.train_steps(batches, shifts))
+
+
+def test_training_runs_pick_the_fastest_variant():
+    results = [{"framework": "torch", "variant": v, "batch_size": 512, "step_ms_median": ms}
+               for v, ms in (("eager", 3.0), ("compile", 2.0), ("compile_cudagraphs", 1.0))]
+    results.append({"framework": "torch", "variant": "compile_cudagraphs", "batch_size": 128, "error": "failed"})
+    runs = B.training_runs("accelerator", results, "cuda")
+    by_name = {(r["name"], r["framework"]): r for r in runs}
+    assert by_name[("accelerator", "torch")]["variant"] == "compile_cudagraphs"
+    assert by_name[("accelerator", "jax")]["variant"] == "epoch_step"  # no JAX rows: the first choice
+    assert by_name[("default bf16", "jax")]["variant"] == "train_step_bf16"
+    recipe = by_name[("accelerator", "jax")]["cfg"]
+    assert recipe.batch_size == B.ACCELERATOR_RECIPE["batch_size"] and recipe.device == "cuda"
+    assert "--batch-size 512" in B.recipe_flags(recipe) and "--device" not in B.recipe_flags(recipe)
