@@ -147,6 +147,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
+    # On a CPU, XLA hands the step's convolutions and elementwise work to YNNPACK (cpu_speed.py;
+    # benchmarks/README.md, row "**YNNPACK**"); elsewhere no options.
     jit = partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
     if mesh is not None:
         jit = partial(jit, out_shardings=distributed.replicated(mesh))  # new state and losses: on every device
