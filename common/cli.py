@@ -22,8 +22,9 @@ class RunFailed(Exception):
     """Training started but cannot go on (a checkpoint could not be written...): exit code 1."""
 
 
-class Interrupted(Exception):
-    """Stopped by a signal (Ctrl-C, SIGTERM), after saving what there was to save."""
+class Interrupted(BaseException):
+    """Stopped by a signal (Ctrl-C, SIGTERM), after saving what there was to save. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -58,14 +59,37 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(1)
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (a timeout, SLURM, Kubernetes) stops the program the way Ctrl-C does: outside the
-    training loop at once, inside it after the current step and a checkpoint (`common.loop`)."""
+_stopped_by: int | None = None  # a signal that arrived outside the training loop
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a timeout, SLURM, Kubernetes) stop a training script the same way:
+    inside the training loop after the current step and a checkpoint (`common.loop`), outside it
+    at the next `raise_if_stopped`. Raising from the handler itself could land in a garbage
+    collector callback or an import's `except:`, which print a traceback or swallow it; a
+    second signal does raise at once, for a start that hangs."""
 
     def stop(signum, frame):
-        raise Interrupted("SIGTERM outside the training steps; the last checkpoint is as it was", signum)
+        global _stopped_by
+        again = _stopped_by is not None
+        _stopped_by = signum
+        if again:
+            raise_if_stopped()
 
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+def stopped_by() -> int | None:
+    """The signal that arrived outside the training loop, if any."""
+    return _stopped_by
+
+
+def raise_if_stopped() -> None:
+    """Raises Interrupted if a signal arrived since `stop_on_signals`."""
+    if _stopped_by is not None:
+        raise Interrupted(f"{signal.Signals(_stopped_by).name} outside the training steps; the last checkpoint "
+                          "stays as it was", _stopped_by)
 
 
 def train_main(module: str, description: str, argv: list[str] | None = None) -> None:
@@ -76,7 +100,7 @@ def train_main(module: str, description: str, argv: list[str] | None = None) -> 
     from common.rundir import require_out
 
     def main() -> None:
-        stop_on_sigterm()
+        stop_on_signals()
         cfg = resolve(argv, description)
         require_out(cfg, cfg.num_processes)  # before joining the other processes, which waits for them
         importlib.import_module(module).run(cfg)  # imported after parsing: --help and bad flags answer at once

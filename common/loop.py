@@ -15,7 +15,14 @@ from tqdm import tqdm
 
 from common import data as D
 from common import rundir
-from common.cli import Interrupted, RunFailed, UserError, os_error_line
+from common.cli import (
+    Interrupted,
+    RunFailed,
+    UserError,
+    os_error_line,
+    raise_if_stopped,
+    stopped_by,
+)
 from common.config import Config
 from common.metrics import score
 from common.runlog import NullLog, RunLog, plot_predictions, remove_temp_files
@@ -45,8 +52,8 @@ class StopOnSignal:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> Self:
-        self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.received: int | None = stopped_by()  # one that came just before
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -111,6 +118,7 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
         history.append(position["metrics"])
     held_out = D.holdout_pairs(cfg.holdout_pairs)
     unseen = D.is_held_out(test.labels, test.numbers, held_out) if held_out else None
+    raise_if_stopped()  # restoring took a while
     with StopOnSignal() as signals:
         for epoch in range(position["epoch"], epochs + 1):
             start = time.perf_counter()
@@ -165,34 +173,37 @@ def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: i
     saves, but no config.json, metrics or plots (those are drawn into a scratch folder).
     Problems before training are one-line errors with exit code 2, write failures during it 1."""
     resume = cfg.resume is not None
+    raise_if_stopped()  # the imports before this point took a while
     with rundir.claim(cfg, main=write_outputs, processes=processes) as run, tempfile.TemporaryDirectory() as scratch:
         if run.finished:
             if write_outputs:
                 print(f"{run.dir}: this run is finished ({len(run.history)} of {len(run.history)} epochs); nothing to resume")
             return run.history
         cfg = replace(cfg, out=str(run.dir))
+        trainer = None
         try:
             log = RunLog(run.dir, cfg.to_dict(), environment, fresh=not resume) if write_outputs else NullLog(Path(scratch))
             train, test = load_splits(cfg)
+            raise_if_stopped()
             total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
             trainer = make_trainer(cfg, train, total_steps, run.dir)
-        except OSError as e:
-            remove_temp_files(run.dir)
-            raise UserError(f"cannot write into the run folder: {os_error_line(e, run.dir)}") from None
-        run.start_training()
-        if run.default and write_outputs:
-            print(f"run folder: {run.dir}")
-        try:
+            raise_if_stopped()
+            run.start_training()
+            if run.default and write_outputs:
+                print(f"run folder: {run.dir}")
             return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
-        except OSError as e:  # the checkpoint's own failures are caught where it is saved
+        except OSError as e:  # a failed checkpoint is reported where it is saved (RunFailed)
             remove_temp_files(run.dir)
+            if not run.training:
+                raise UserError(f"cannot write into the run folder: {os_error_line(e, run.dir)}") from None
             raise RunFailed(f"{os_error_line(e, run.dir)}; the last checkpoint is kept; --resume {run.dir} "
                             "continues from it") from None
         except RunFailed:
             remove_temp_files(run.dir)
             raise
         finally:
-            getattr(trainer, "close", lambda: None)()
+            if trainer is not None:  # before a failed start's folder is removed: Orbax may still be looking at it
+                getattr(trainer, "close", lambda: None)()
 
 
 def load_splits(cfg: Config) -> tuple[D.Split, D.Split]:

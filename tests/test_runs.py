@@ -133,6 +133,26 @@ def test_several_processes_need_an_explicit_out(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_several_processes_refuse_a_run_folder_together(tmp_path):
+    """Only process 0 checks and locks the folder; the others take its verdict and stop too,
+    instead of waiting for it forever or writing checkpoints into another run."""
+    from tests.test_sharding import cpu_devices, free_port
+
+    run = tmp_path / "run"
+    assert train("--dry-run", "--out", str(run)).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(command("jax", "--dry-run", "--out", str(run), "--coordinator", coordinator,
+                                      "--num-processes", "2", "--process-id", str(i)),
+                              env=cpu_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors
+    assert "already holds a run" in errors[0].strip().splitlines()[-1]
+    assert errors[1].strip().splitlines()[-1] == f"error: process 0 refused the run folder {run} (see its message)"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 BAD_NUMBERS = [
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "inf"], "--lr must be a finite number"),
