@@ -144,6 +144,8 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
             logits = trainer.predict(test.images, test.numbers)
             metrics = {"epoch": epoch, "train_loss": train_loss, **score(*logits, test.labels, test.numbers, unseen),
                        "train_time_s": train_time, "epoch_time_s": time.perf_counter() - start}
+            if hasattr(trainer, "compile_seconds"):  # JAX: how much of the epoch went to compiling
+                metrics["compile_time_s"] = trainer.compile_seconds()
             checkpoints.save(epoch * per_epoch, {"epoch": epoch + 1, "step": 0, "losses": [], "metrics": metrics})
             if epoch == epochs:
                 plot_predictions(log.dir, test, *logits)

@@ -21,7 +21,7 @@ from jax_impl import checkpoint, distributed
 # CPU-only speed settings (YNNPACK, the calling thread); cpu_speed.py says why and where the numbers are.
 from jax_impl.cpu_speed import compiler_options, runs_on_calling_thread, tune_cpu_process
 from jax_impl.model import SumNet
-from jax_impl.warm_start import FusedWhenReady
+from jax_impl.warm_start import COMPILE_CLOCK, FusedWhenReady
 
 State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
 
@@ -210,6 +210,7 @@ class JaxTrainer:
     def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None,
                  loop: str | None = None):
         """`loop`: how a compiled call runs its steps (`make_train_step`); None: this backend's default."""
+        self._compile_mark = COMPILE_CLOCK.total
         self.mesh = distributed.data_mesh(cfg)  # None: one device, the plain path
         graphdef, params = nnx.split(init_model(cfg))
         self.tx = make_optimizer(cfg, total_steps)
@@ -237,6 +238,12 @@ class JaxTrainer:
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
         self.state, losses = self._train(self.state, self.dataset, batch_indices, shifts)
         return np.asarray(losses)
+
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling, in any thread, since the previous call (or since the trainer
+        was made): metrics.jsonl's compile_time_s."""
+        previous, self._compile_mark = self._compile_mark, COMPILE_CLOCK.total
+        return self._compile_mark - previous
 
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Evaluates on one device (each process on its own first one) with float32 parameters,
