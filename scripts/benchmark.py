@@ -50,6 +50,7 @@ BATCH_SIZES = {"cpu": "32,128,512", "accelerator": "128,512,2048,8192"}
 UNROLLED_BATCHES = (128, 512)  # the unrolled step only where a recipe trains: it is the slowest to compile
 TORCH_COMPILE = {"eager": None, "compile": "default", "compile_cudagraphs": "reduce-overhead"}
 TARGET = 0.99
+START = time.perf_counter()
 
 # The recipe of the time-to-99% run on an accelerator. A GPU stays busy with larger batches, so
 # fewer, larger steps at a higher learning rate; the digit design, whose sum is right as soon as
@@ -320,7 +321,9 @@ def chosen_paths(suite: str, only: str | None) -> list[tuple[str, str]]:
     return [p for p in paths if p[1] in wanted]
 
 
-def bench_steps(args, suite: str, batch_sizes: list[int], train) -> list[dict]:
+def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lambda rows: None) -> list[dict]:
+    """The step rows, batch size by batch size (each handed to `report_rows` as it is done). With
+    --time-budget, no new batch size starts after 60% of it: the training runs need the rest."""
     from tqdm import tqdm
 
     from common.config import Config
@@ -329,6 +332,9 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train) -> list[dict]:
     base = replace(Config(), device=args.device)
     results = []
     for batch in batch_sizes:
+        if args.time_budget and time.perf_counter() - START > 0.6 * args.time_budget:
+            results.append({"framework": "-", "variant": "-", "batch_size": batch, "error": "not measured: --time-budget"})
+            continue
         live = {}
         for framework, variant in paths:
             if variant == "train_step_2dev" or (variant == "train_step_unrolled" and batch not in UNROLLED_BATCHES and not args.quick):
@@ -370,6 +376,7 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train) -> list[dict]:
         del live
         if ("jax", "train_step_2dev") in paths:
             results.append(two_devices_row(args, batch, rounds * block, flops))
+        report_rows(results)
     return results
 
 
@@ -531,7 +538,7 @@ def markdown(report: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | failed: {r['error'][:80]} |||||||||||||")
+            lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r['error'][:80]} |||||||||||||")
             continue
         lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r.get('steps_per_call', '-')} | {r['compile_s']:.2f} | "
                      f"{r['step_ms_median']:.2f} | {r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f} | {r['images_per_s']:.0f} | "
@@ -550,21 +557,6 @@ def markdown(report: dict) -> str:
                          f"{'epoch ' + str(reached['epoch']) if reached else 'no'} | {_num(reached and reached['train_s'], '.2f')} | "
                          f"{100 * t['final_test_digit_acc']:.2f} | {100 * t['final_test_sum_acc']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def check_numbers(args) -> list[int]:
-    """The batch sizes; every numeric flag checked before anything runs."""
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        raise UserError(f"--batch-sizes wants integers separated by commas, got {args.batch_sizes!r}") from None
-    if not all(1 <= b <= 60_000 for b in batch_sizes):
-        raise UserError(f"--batch-sizes must each be in 1..60000, got {args.batch_sizes}")
-    if not 1 <= args.steps <= 100_000:
-        raise UserError(f"--steps must be in 1..100000, got {args.steps}")
-    if args.max_epochs is not None and not 1 <= args.max_epochs <= 10_000:
-        raise UserError(f"--max-epochs must be in 1..10000, got {args.max_epochs}")
-    return batch_sizes
 
 
 def start_frameworks(device: str):
@@ -605,10 +597,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: one batch size, few steps, no memory probes, short epochs")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for the training runs (default: each recipe's epochs)")
     parser.add_argument("--only", default=None, metavar="VARIANTS", help="measure only these variants, e.g. train_step,eager")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="start no new batch size after 60%% of S seconds (the training runs follow)")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    batch_sizes = check_numbers(args)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise UserError(f"--batch-sizes wants integers separated by commas, got {args.batch_sizes!r}") from None
+    if any(b <= 0 for b in batch_sizes) or args.steps <= 0:
+        raise UserError("--batch-sizes and --steps must be positive")
+    if args.time_budget is not None and not 0 < args.time_budget < 1e6:
+        raise UserError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     torch_device, suite, malloc_tuned = start_frameworks(args.device)
     if args.probe_memory:
         return probe_memory(args.probe_memory, args.device)
@@ -634,9 +635,13 @@ def main() -> None:
                                    torch_device, repeats=10 if big else 3, copy_mb=1024 if big else 64)}
     print(f"machine: JAX on {report['machine']['jax_device']}, PyTorch on {report['machine']['torch_device']}; "
           f"fp32 matmul {report['ceilings']['jax_fp32_gflops_per_s']:.0f} GFLOP/s (XLA)")
-    report["results"] = bench_steps(args, suite, batch_sizes, train)
-    add_shares(report["results"], report["ceilings"], len(train), suite)
-    write(report, args)  # the step rows are kept even if the training runs do not finish
+
+    def report_rows(rows: list[dict]) -> None:  # kept on disk as they come, should the run be cut short
+        report["results"] = rows
+        add_shares(rows, report["ceilings"], len(train), suite)
+        write(report, args)
+
+    report_rows(bench_steps(args, suite, batch_sizes, train, report_rows))
     print("training runs (time to 99.0% test digit and sum):")
     runs = training_runs(suite, report["results"], str(torch_device))
     report["time_to_accuracy"] = time_to_accuracy(runs, 1 if args.quick else args.max_epochs, args.quick)
