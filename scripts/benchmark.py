@@ -559,6 +559,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_numbers(args) -> list[int]:
+    """The batch sizes; every numeric flag checked before anything runs."""
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise UserError(f"--batch-sizes wants integers separated by commas, got {args.batch_sizes!r}") from None
+    if not all(1 <= b <= 60_000 for b in batch_sizes):
+        raise UserError(f"--batch-sizes must each be in 1..60000, got {args.batch_sizes}")
+    if not 1 <= args.steps <= 100_000:
+        raise UserError(f"--steps must be in 1..100000, got {args.steps}")
+    if args.max_epochs is not None and not 1 <= args.max_epochs <= 10_000:
+        raise UserError(f"--max-epochs must be in 1..10000, got {args.max_epochs}")
+    return batch_sizes
+
+
 def start_frameworks(device: str):
     """The process settings, then JAX, then PyTorch on `device`. JAX starts first: on a GPU it
     checks the cuDNN it finds loaded, and importing torch loads its own. Returns
@@ -602,12 +617,7 @@ def main() -> None:
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        raise UserError(f"--batch-sizes wants integers separated by commas, got {args.batch_sizes!r}") from None
-    if any(b <= 0 for b in batch_sizes) or args.steps <= 0:
-        raise UserError("--batch-sizes and --steps must be positive")
+    batch_sizes = check_numbers(args)
     if args.time_budget is not None and not 0 < args.time_budget < 1e6:
         raise UserError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     torch_device, suite, malloc_tuned = start_frameworks(args.device)
