@@ -522,6 +522,40 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def cold_starts(quick: bool, device: str) -> list[dict]:
+    """What a user's process start costs: each trainer's 1-epoch default run (a dry run with
+    --quick) as its own process, JAX with an empty compilation cache, then again with the cache
+    it left. Per run: the process's wall time, the first epoch's training time (compilation
+    included) and, for JAX, the seconds spent compiling (metrics.jsonl)."""
+    import tempfile
+
+    from common import data as D
+
+    data_dir = str(D.locate(None))
+    scripts = Path(__file__).resolve().parent
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "XDG_CACHE_HOME": f"{scratch}/cache"}  # a cache of its own, empty at first
+        env.pop("MNIST_SUM_NO_COMPILE_CACHE", None)
+        for name, script, extra in (("jax, empty cache", "train_jax.py", []), ("jax, warm cache", "train_jax.py", []),
+                                    ("torch", "train_torch.py", ["--device", device])):
+            out = Path(scratch) / name.replace(", ", "-").replace(" ", "-")
+            command = [sys.executable, str(scripts / script), "--out", str(out), "--data-dir", data_dir, *extra,
+                       *(["--dry-run"] if quick else ["--epochs", "1"])]
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                rows.append({"run": name, "error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+                continue
+            first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+            rows.append({"run": name, "process_s": wall, "first_epoch_train_s": first["train_time_s"],
+                         "compile_s": first.get("compile_time_s"), "test_digit_acc": first["test_digit_acc"],
+                         "test_sum_acc": first["test_sum_acc"]})
+            print(f"  {name}: process {wall:.1f} s, first epoch {first['train_time_s']:.1f} s")
+    return rows
+
+
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["ceilings"]
     settings = [text for key, text in [("malloc_keeps_freed_memory", "glibc malloc keeps freed memory (`keep_freed_memory`)"),
@@ -556,6 +590,13 @@ def markdown(report: dict) -> str:
                          f"{t['epoch_wall_s_first']:.2f} | {t['epoch_wall_s_median']:.2f} | "
                          f"{'epoch ' + str(reached['epoch']) if reached else 'no'} | {_num(reached and reached['train_s'], '.2f')} | "
                          f"{100 * t['final_test_digit_acc']:.2f} | {100 * t['final_test_sum_acc']:.2f} |")
+    if report.get("cold_starts"):
+        lines += ["", "Process starts: each trainer's 1-epoch default run as a user starts it (its own process; JAX "
+                  "first with an empty compilation cache, then with the cache it left):", "",
+                  "| run | process s | first epoch s (compile included) | of which compiling s |", "|---|---:|---:|---:|"]
+        for c in report["cold_starts"]:
+            lines.append(f"| {c['run']} | failed: {c['error'][:80]} |||" if "error" in c else
+                         f"| {c['run']} | {c['process_s']:.1f} | {c['first_epoch_train_s']:.1f} | {_num(c['compile_s'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -656,6 +697,8 @@ def main() -> None:
     runs = training_runs(suite, report["results"], str(torch_device))
     report["time_to_accuracy"] = time_to_accuracy(runs, 1 if args.quick else args.max_epochs, args.quick)
     report["device_peak_mb"] = device_peaks(torch_device)
+    print("process starts (cold and warm compilation cache):")
+    report["cold_starts"] = cold_starts(args.quick, args.device)
     print(write(report, args))
 
 

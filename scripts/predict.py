@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from common import data as D  # noqa: E402
 from common.cli import UserError, run_main  # noqa: E402
-from common.config import OneLineParser  # noqa: E402
+from common.config import TORCH_DEVICES, OneLineParser  # noqa: E402
 from common.images import images_in, load_image  # noqa: E402
 from common.predictor import Run, load_predictor, read_run  # noqa: E402
 
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the number r in 0..9 to add: one for every image, or one per image "
                              "(default with --mnist-test-index: the test set's own r)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+    parser.add_argument("--device", choices=TORCH_DEVICES, default="auto",
+                        help="PyTorch runs: auto (cuda if available), cpu or cuda; JAX uses its default backend")
     parser.add_argument("--data-dir", metavar="DIR", help="MNIST folder for --mnist-test-index (default: the run's, $MNIST_DIR, or the cache)")
     args = parser.parse_args(argv)
     if args.image is not None and args.number is None:
@@ -145,6 +147,7 @@ def quiet():
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     run = read_run(args.run)  # these answer at once, before any framework loads
+    run.config = replace(run.config, device=args.device)  # where to predict is this call's choice
     if args.image is not None:
         examples = image_examples(args.image, args.number)
     else:

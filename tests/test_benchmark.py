@@ -57,6 +57,11 @@ def test_quick_benchmark_writes_all_figures(tmp_path, mnist_dir):
     assert {(t["framework"], t["name"]) for t in report["time_to_accuracy"]} == {("jax", "default"), ("torch", "default")}
     assert all(t["compile_s"] > 0 and t["epochs"] for t in report["time_to_accuracy"])
     assert "| jax | train_step | 16 |" in out_md.read_text()
+    starts = {c["run"]: c for c in report["cold_starts"]}  # process starts, JAX's cache empty then warm
+    assert starts.keys() == {"jax, empty cache", "jax, warm cache", "torch"}
+    assert all(c["process_s"] > c["first_epoch_train_s"] > 0 for c in starts.values())
+    assert starts["jax, empty cache"]["compile_s"] > starts["jax, warm cache"]["compile_s"] > 0  # the cache saved compiling
+    assert starts["torch"]["compile_s"] is None
 
 
 def small_split(splits, n: int) -> D.Split:

@@ -295,6 +295,19 @@ def test_bad_number_is_one_line(args, fragment, runs, splits, tmp_path):
     assert_one_line_error(predict_cli("--run", runs["jax"], "--image", image, *args), fragment)
 
 
+def test_torch_device_is_this_calls_choice(runs, mnist_dir):
+    import torch
+
+    cpu = json_lines(predict_cli("--run", runs["torch"], "--mnist-test-index", "3", "--device", "cpu", "--json",
+                                 "--data-dir", mnist_dir))
+    assert cpu[0]["framework"] == "torch" and cpu[0]["index"] == 3
+    cuda = predict_cli("--run", runs["torch"], "--mnist-test-index", "3", "--device", "cuda", "--data-dir", mnist_dir)
+    if torch.cuda.is_available():
+        assert cuda.returncode == 0, cuda.stderr
+    else:
+        assert_one_line_error(cuda, "--device cuda", "no CUDA device")
+
+
 @pytest.mark.parametrize("index", ["10000", "-1", "3.5"])
 def test_bad_test_index_is_one_line(index, runs):
     assert_one_line_error(predict_cli("--run", runs["torch"], "--mnist-test-index", index), "--mnist-test-index")
