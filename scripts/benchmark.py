@@ -672,8 +672,6 @@ def main() -> None:
         batch_sizes, args.steps = batch_sizes[:1], 8
     chosen_paths(suite, args.only)  # an unknown --only answers before any work
 
-    import jax
-
     from common.config import Config
     from common.loop import load_splits
     from jax_impl.cpu_speed import runs_on_calling_thread
