@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import numpy as np  # noqa: E402
 
 from common.cli import UserError, run_main  # noqa: E402
+from common.config import PRESETS  # noqa: E402
 
 SUITES = {
     "cpu": [("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")],
@@ -55,7 +56,7 @@ START = time.perf_counter()
 # The recipe of the time-to-99% run on an accelerator. A GPU stays busy with larger batches, so
 # fewer, larger steps at a higher learning rate; the digit design, whose sum is right as soon as
 # its digit is; no translation (it slows the first epochs); a whole epoch per compiled call.
-ACCELERATOR_RECIPE = {"design": "digit", "batch_size": 512, "lr": 5e-3, "warmup_epochs": 0.3, "shift": 0, "epochs": 4}
+ACCELERATOR_RECIPE = {k: v for k, v in PRESETS["accelerator"].items() if k != "steps_per_call"}  # common/config.py
 
 
 # --- the measured paths -----------------------------------------------------
