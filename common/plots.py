@@ -39,10 +39,31 @@ def _save(fig, path: str | Path) -> Path:
     tmp = path.with_name(path.stem + ".tmp.png")
     try:
         fig.savefig(tmp, dpi=DPI, format="png")
+        os.replace(tmp, path)  # a reader never sees a half-written PNG
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
     finally:
         _pyplot().close(fig)
-    os.replace(tmp, path)  # a reader never sees a half-written PNG
     return path
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    """Loss (train and test) and test accuracy (digit and sum) per epoch, side by side."""
+    plt = _pyplot()
+    epochs = [m["epoch"] for m in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
+    ax_loss.plot(epochs, [m["test_loss"] for m in history], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss (CE digit + CE sum)", yscale="log", title="Loss")
+    ax_acc.plot(epochs, [100 * m["test_digit_acc"] for m in history], "o-", label="digit")
+    ax_acc.plot(epochs, [100 * m["test_sum_acc"] for m in history], "o-", label="sum")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_confusion(matrix: np.ndarray, labels: Sequence, title: str, path: str | Path) -> Path:

@@ -5,27 +5,15 @@ whole (written beside it, then renamed), so a crash or a full disk never leaves 
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
 import numpy as np
 
+from common import plots
+from common.integrity import write_atomically
+
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "train_time_s", "epoch_time_s")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Replaces `path` by `text` all at once, on disk: a crash or a full disk leaves the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -60,7 +48,8 @@ class RunLog:
         if fresh and self.metrics_path.exists():
             self.metrics_path.unlink()
         environment = {"python": platform.python_version(), "machine": platform.machine(), **environment}
-        _atomic_write(self.dir / "config.json", json.dumps({"config": config, "environment": environment}, indent=2) + "\n")
+        text = json.dumps({"config": config, "environment": environment}, indent=2) + "\n"
+        write_atomically(self.dir / "config.json", [text.encode()])
 
     def truncate(self, epochs: int) -> None:
         """Keeps the first `epochs` lines of metrics.jsonl (resuming redoes the rest)."""
@@ -77,11 +66,11 @@ class RunLog:
         missing = set(METRIC_KEYS) - set(metrics)
         assert not missing, f"metrics lack {missing}"
         history = self.history() + [metrics]
-        plot_curves(history, self.dir / "curves.png")
+        plots.plot_curves(history, self.dir / "curves.png")
         self._write(history)
 
     def _write(self, history: list[dict]) -> None:
-        _atomic_write(self.metrics_path, "".join(json.dumps(m) + "\n" for m in history))
+        write_atomically(self.metrics_path, [(json.dumps(m) + "\n").encode() for m in history])
 
 
 def remove_temp_files(run_dir: Path) -> None:
@@ -108,40 +97,9 @@ class NullLog:
 
 def plot_predictions(run_dir: Path, test, digit_logits: np.ndarray, sum_logits: np.ndarray) -> None:
     """confusion_digit.png, confusion_sum.png and samples.png for the test set's predictions."""
-    from common import plots
-
     digit_pred, sum_pred = digit_logits.argmax(1), sum_logits.argmax(1)
     plots.plot_confusion(plots.confusion_matrix(test.labels, digit_pred, 10), range(10), "Digit (test set)",
                          run_dir / "confusion_digit.png")
     plots.plot_confusion(plots.confusion_matrix(test.sums, sum_pred, 19), range(19), "Digit + r (test set)",
                          run_dir / "confusion_sum.png")
     plots.plot_samples(test.images, test.numbers, digit_pred, sum_pred, test.labels, run_dir / "samples.png")
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [m["epoch"] for m in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
-    ax_loss.plot(epochs, [m["test_loss"] for m in history], "o-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss (CE digit + CE sum)", yscale="log", title="Loss")
-    ax_acc.plot(epochs, [100 * m["test_digit_acc"] for m in history], "o-", label="digit")
-    ax_acc.plot(epochs, [100 * m["test_sum_acc"] for m in history], "o-", label="sum")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)

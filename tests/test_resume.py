@@ -46,6 +46,17 @@ def epoch_1_logged(run: Path) -> bool:
     return (run / "metrics.jsonl").exists() and bool((run / "metrics.jsonl").read_text().strip())
 
 
+def assert_resumes_identically(framework: str, run: Path, reference: Path) -> None:
+    """`--resume run` ends with the very metrics and parameters of the uninterrupted `reference`."""
+    resumed = subprocess.run(command(framework, "--resume", str(run)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run) == metrics(reference)
+    want, got = final_params(framework, reference), final_params(framework, run)
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def stop_mid_epoch_2(framework: str, run: Path, sig: int) -> subprocess.CompletedProcess | None:
     """Starts a run, waits until epoch 1 is done (logged, so its checkpoint is committed) and a
     few steps of epoch 2 ran, sends `sig`."""
@@ -79,13 +90,7 @@ def test_sigkill_mid_epoch_then_resume_is_identical(framework, reference, tmp_pa
     result = stop_mid_epoch_2(framework, run, signal.SIGKILL)
     assert result.returncode == -signal.SIGKILL
     assert len(metrics(run)) == 1
-    resumed = subprocess.run(command(framework, "--resume", str(run)), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert metrics(run) == metrics(reference[framework])
-    want, got = final_params(framework, reference[framework]), final_params(framework, run)
-    assert want.keys() == got.keys()
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)  # bit-identical on CPU
+    assert_resumes_identically(framework, run, reference[framework])  # bit-identical on CPU
 
 
 def last_line(stderr: str) -> str:
@@ -105,12 +110,7 @@ def test_ctrl_c_or_sigterm_saves_mid_epoch_and_resumes_identically(framework, si
         saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
         assert saved[-1] % 120 != 0  # a checkpoint inside epoch 2 (120 steps per epoch), not at its end
     assert len(metrics(run)) == 1
-    resumed = subprocess.run(command(framework, "--resume", str(run)), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert metrics(run) == metrics(reference[framework])
-    want, got = final_params(framework, reference[framework]), final_params(framework, run)
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert_resumes_identically(framework, run, reference[framework])
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -138,12 +138,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_identically(f
     assert leftovers == []
     if framework == "jax":
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["120"]
-    resumed = subprocess.run(command(framework, "--resume", str(run)), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert metrics(run) == metrics(reference[framework])
-    want, got = final_params(framework, reference[framework]), final_params(framework, run)
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert_resumes_identically(framework, run, reference[framework])
 
 
 # The training script, with the metrics log failing (a full disk) when epoch 2 is logged: after
