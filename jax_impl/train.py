@@ -96,7 +96,8 @@ def mark_diverged(params, losses: jax.Array) -> jax.Array:
     YNNPACK's max and relu can turn NaN into a number, so a diverged step may still show a finite
     loss. A NaN or inf gradient does reach the parameters through Adam (inf / inf is NaN) and
     stays there, so one look at the parameters per call finds it. Checking every step's
-    gradients instead cost 1.6 ms of a 21 ms step; this costs nothing measurable."""
+    gradients instead cost a visible share of the step; this costs nothing measurable (benchmarks/README.md,
+    row "guard against NaN")."""
     finite = jnp.all(jnp.array([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
     return losses.at[-1].set(jnp.where(finite, losses[-1], jnp.nan))
 
