@@ -78,3 +78,23 @@ def test_bad_recipe_flags_give_one_line_and_exit_2(args, message, tmp_path):
     result = run_script(*args, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_help_explains_every_flag_in_its_group():
+    """--help is one source for both trainers: every Config field a flag with its own line of help,
+    the choices where there are choices, under its group."""
+    from dataclasses import fields
+
+    from common.config import GROUPS, build_parser
+
+    parser = build_parser("train", Config())
+    titles = {group.title: group for group in parser._action_groups}
+    assert set(GROUPS.values()) <= titles.keys()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        action = next(a for a in titles[GROUPS[f.metadata["group"]]]._group_actions if flag in a.option_strings)
+        assert len(action.help) > 15, flag
+        if f.metadata["choices"]:
+            assert all(choice in action.metavar for choice in f.metadata["choices"]), flag
+    text = parser.format_help()
+    assert "--design {flatten,digit}" in text and "--preset {default,fast,best,accelerator}" in text
