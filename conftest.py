@@ -13,7 +13,7 @@ from common import data as D
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     try:
-        return D.locate(None)
+        return D.locate(None).resolve()  # absolute: some tests start scripts from other folders
     except D.DataError as e:
         pytest.fail(f"MNIST not found: {e}")
 

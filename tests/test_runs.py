@@ -6,6 +6,7 @@ written (the flags of every script, each refused in one line)."""
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import resource
 import subprocess
@@ -41,9 +42,9 @@ def assert_complete_dry_run(run: Path) -> None:
         assert (run / f"{plot}.png").stat().st_size > 0
 
 
-def test_default_out_twice_gives_two_complete_runs(tmp_path):
+def test_default_out_twice_gives_two_complete_runs(tmp_path, mnist_dir):
     for _ in range(2):
-        result = train("--dry-run", cwd=tmp_path)
+        result = train("--dry-run", cwd=tmp_path, env={**os.environ, "MNIST_DIR": str(mnist_dir)})
         assert result.returncode == 0, result.stderr
     runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
     assert len(runs) == 2

@@ -151,7 +151,7 @@ def test_bf16_trains_close_to_fp32(splits):
     for precision in ("fp32", "bf16"):
         trainer = T.JaxTrainer(replace(cfg, precision=precision), train, total_steps=steps)
         if precision == "bf16":  # the convolutions really run in bfloat16
-            hlo = trainer._train.lower(trainer.state, trainer.dataset, *trainer.place_batch(batches[:5], shifts[:5])).as_text()
+            hlo = trainer._train.train.lower(trainer.state, trainer.dataset, *trainer.place_batch(batches[:5], shifts[:5])).as_text()
             assert any("convolution" in line and "bf16" in line for line in hlo.splitlines())
         losses[precision] = np.concatenate([trainer.train_steps(batches[i : i + 5], shifts[i : i + 5])
                                             for i in range(0, steps, 5)])
