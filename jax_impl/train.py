@@ -240,6 +240,14 @@ class JaxTrainer:
         self.state, losses = self._train(self.state, self.dataset, batch_indices, shifts)
         return np.asarray(losses)
 
+    def compiled_call(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None):
+        """The compiled program of one call over these batches (XLA's cost and memory analysis)."""
+        return self._train.compiled(self.state, self.dataset, batch_indices, shifts)
+
+    def wait_until_compiled(self) -> None:
+        """Blocks until the fused program compiling in the background is ready (for timing)."""
+        self._train.wait_until_compiled()
+
     def compile_seconds(self) -> float:
         """Seconds spent compiling, in any thread, since the previous call (or since the trainer
         was made): metrics.jsonl's compile_time_s."""

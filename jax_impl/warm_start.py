@@ -84,6 +84,13 @@ class FusedWhenReady:
                 self._fused.set_result(compile_fused())
         return self._fused.done()
 
+    def compiled(self, state: Any, dataset: Any, batch_indices: np.ndarray, shifts: np.ndarray | None):
+        """The compiled program that runs these batches in one call (for XLA's cost and memory
+        analysis): the fused one once started, else the program for this many steps."""
+        if len(batch_indices) == self.steps_per_call and self._fused is not None:
+            return self._fused.result()
+        return self.train.lower(state, dataset, *self.place(batch_indices, shifts)).compile()
+
     def wait_until_compiled(self) -> None:
         """Blocks until the fused program is compiled (for timing it alone)."""
         if self._fused is not None:

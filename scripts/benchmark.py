@@ -94,7 +94,7 @@ def warm_up(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> No
     """One call, then waits for JAX's fused program if it compiles in the background
     (jax_impl/warm_start.py), so that every timed call runs the program it is timed for."""
     trainer.train_steps(batch_indices, shifts)
-    getattr(getattr(trainer, "_train", None), "wait_until_compiled", lambda: None)()
+    getattr(trainer, "wait_until_compiled", lambda: None)()  # JAX only
 
 
 def synchronize(framework: str, trainer) -> None:
@@ -133,11 +133,7 @@ def make_path(framework: str, variant: str, batch_size: int, train, base):
 def xla_analysis(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> dict:
     """FLOPs and bytes per step (XLA's cost analysis of the compiled call) and the device memory
     the call needs (its arguments, outputs and scratch, donated state counted once)."""
-    fused = getattr(trainer._train, "_fused", None)  # the program jax_impl/warm_start.py compiled, if any
-    if fused is not None and len(batch_indices) == trainer._train.steps_per_call:
-        compiled = fused.result()
-    else:
-        compiled = trainer._train.train.lower(trainer.state, trainer.dataset, *trainer.place_batch(batch_indices, shifts)).compile()
+    compiled = trainer.compiled_call(batch_indices, shifts)
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
     k = len(batch_indices)

@@ -144,7 +144,7 @@ def test_steps_in_a_scan_train_as_the_unrolled_steps(splits):
         trainer = jtrain.JaxTrainer(cfg, split, total_steps=10, loop=loop)
         with P.exact_float32():  # a GPU's TF32 would swamp the comparison
             trainer.train_steps(batches[:2], shifts[:2])  # the fused program compiles meanwhile (warm_start.py)
-            trainer._train.wait_until_compiled()
+            trainer.wait_until_compiled()
             losses = trainer.train_steps(batches[2:4], shifts[2:4])
         runs[loop] = losses, jax.tree.leaves(trainer.state["params"])
         trainer.close()
@@ -166,7 +166,7 @@ def test_the_background_compile_keeps_float64(splits):
     with P.float64(), P.exact_float32():
         pair = P.Pair(cfg, split, params, total_steps=10)
         pair.jax.train_steps(batches[:2])
-        pair.jax._train.wait_until_compiled()
+        pair.jax.wait_until_compiled()
         losses = pair.jax.train_steps(batches[2:4])  # the fused program, compiled on the other thread
         assert losses.dtype == np.float64 and np.isfinite(losses).all()
         assert pair.jax_params()["fc"]["kernel"].dtype == np.float64

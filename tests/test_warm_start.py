@@ -25,7 +25,7 @@ def train(splits, steps: int, chunk: int, wait: bool) -> tuple[np.ndarray, list]
         j = min(i + chunk, steps)
         losses.append(trainer.train_steps(batches[i:j], shifts[i:j]))
         if wait:
-            trainer._train.wait_until_compiled()
+            trainer.wait_until_compiled()
     trainer.close()
     return np.concatenate(losses), [np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])]
 
@@ -45,6 +45,6 @@ def test_chunks_before_the_fused_program_is_ready_run_step_by_step(splits):
     batches, shifts = epoch_plan(SMALL, len(train_split), 1)
     first = trainer.train_steps(batches[:4], shifts[:4])  # the fused compile has just started
     assert first.shape == (4,) and np.isfinite(first).all()
-    trainer._train.wait_until_compiled()
+    trainer.wait_until_compiled()
     assert trainer._train._fused.done() and trainer._train._fused.exception() is None
     trainer.close()
