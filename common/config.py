@@ -16,6 +16,7 @@ DESIGNS = ("flatten", "digit")
 PRECISIONS = ("fp32", "bf16")
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("idx", "tfds")
+ACCELERATOR_STEPS_PER_CALL = 16
 MAX_SEED = 2**31 - 1  # JAX's and NumPy's seeds both take it; larger ones overflow int32 keys
 
 
@@ -82,7 +83,8 @@ class Config:
     device: str = setting("auto", "devices", "PyTorch's device: auto (cuda if available), cpu or cuda",
                           choices=TORCH_DEVICES)
     devices: int = setting(0, "devices", "JAX: data-parallel over the first N devices (0: all)", low=0, high=65_536)
-    steps_per_call: int = setting(16, "devices", "JAX: training steps fused into one compiled call", low=1, high=256)
+    steps_per_call: int = setting(0, "devices", "JAX: training steps fused into one compiled call (0: one on a CPU, "
+                                  f"{ACCELERATOR_STEPS_PER_CALL} on an accelerator)", low=0, high=256)
     coordinator: str | None = setting(None, "devices", "HOST:PORT of process 0, to train with several processes (JAX)")
     num_processes: int = setting(1, "devices", "with --coordinator: how many processes take part", low=1, high=65_536)
     process_id: int = setting(0, "devices", "with --coordinator: this process's rank, 0 .. num_processes - 1",
@@ -128,9 +130,9 @@ PRESETS: dict[str, dict] = {
     "default": {},
     # The shortest CPU time to 99.0% test digit and sum: a quarter of the network, 3 epochs, the
     # digit design (its sum is right as soon as its digit is), no augmentation (it slows early
-    # epochs), one step per compiled call (compiling 16 costs more than it saves in 3 epochs).
+    # epochs).
     "fast": {"design": "digit", "conv1": 16, "conv2": 32, "hidden": 128, "epochs": 3, "lr": 3e-3,
-             "warmup_epochs": 0.2, "shift": 0, "steps_per_call": 1},
+             "warmup_epochs": 0.2, "shift": 0},
     # The highest test accuracy within about 15 minutes on a 2-core CPU.
     "best": {"design": "digit", "epochs": 30, "label_smoothing": 0.1, "warmup_epochs": 1.0},
     # For a GPU (scripts/benchmark.py's accelerator recipe): fewer, larger steps at a higher
@@ -138,6 +140,14 @@ PRESETS: dict[str, dict] = {
     "accelerator": {"design": "digit", "batch_size": 512, "lr": 5e-3, "warmup_epochs": 0.3, "shift": 0, "epochs": 4,
                     "steps_per_call": 117},
 }
+
+
+def steps_per_call(cfg: Config, on_cpu: bool) -> int:
+    """--steps-per-call, or where it is 0 the default for where the steps run. One on a CPU:
+    fusing steps saves little there, and compiling the fused program made a cold start's first
+    epoch slower than PyTorch's (benchmarks/README.md, row "one step per call on a CPU"). Several
+    on an accelerator, where launching a call costs more than a small step."""
+    return cfg.steps_per_call or (1 if on_cpu else ACCELERATOR_STEPS_PER_CALL)
 
 
 class OneLineParser(argparse.ArgumentParser):

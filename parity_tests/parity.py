@@ -248,8 +248,10 @@ def one_update(pair: Pair, idx: np.ndarray, shifts: np.ndarray | None) -> dict:
             "update_max_abs_step": max(float(np.abs(j[l][k] - before[l][k]).max()) for l in j for k in j[l])}
 
 
-def trajectory(pair: Pair, batches: np.ndarray, shifts: np.ndarray | None, steps_per_call: int) -> dict:
-    """Both real training paths for len(batches) steps on the same batches (and augmentation)."""
+def trajectory(pair: Pair, batches: np.ndarray, shifts: np.ndarray | None) -> dict:
+    """Both real training paths for len(batches) steps on the same batches (and augmentation),
+    JAX with as many steps per compiled call as train_jax.py would take here."""
+    steps_per_call = pair.jax.steps_per_call
     j_losses = np.concatenate([pair.jax.train_steps(batches[i : i + steps_per_call],
                                                     None if shifts is None else shifts[i : i + steps_per_call])
                                for i in range(0, len(batches), steps_per_call)])
@@ -295,8 +297,8 @@ def full_report(cfg: Config, train: D.Split, test: D.Split) -> dict:
     report["loss_rel_diff_float64"], report["grad_max_rel_diff_float64"] = exact["loss_rel_diff"], exact["grad_max_rel_diff"]
     report.update(one_update(Pair(cfg, train, params, total), batches[0], None if shifts is None else shifts[0]))
     with float64():
-        report.update(trajectory(Pair(cfg, train, params, total), batches, shifts, cfg.steps_per_call))
-    float32 = trajectory(Pair(cfg, train, params, total), batches, shifts, cfg.steps_per_call)
+        report.update(trajectory(Pair(cfg, train, params, total), batches, shifts))
+    float32 = trajectory(Pair(cfg, train, params, total), batches, shifts)
     report["trajectory_max_rel_loss_diff_float32"] = float32["trajectory_max_rel_loss_diff"]
     s = structure(cfg)
     report["param_count"] = s["torch_param_count"]

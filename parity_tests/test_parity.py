@@ -109,7 +109,7 @@ def test_trajectory_of_200_steps_agrees_in_float64(setup):
     cfg, train, _, params, (batches, shifts) = setup
     with P.float64():
         pair = P.Pair(cfg, train, params, P.TRAJECTORY_STEPS)
-        r = P.trajectory(pair, batches, shifts, cfg.steps_per_call)
+        r = P.trajectory(pair, batches, shifts)
         assert pair.jax_params()["fc"]["kernel"].dtype == np.float64
         assert next(pair.torch.model.parameters()).dtype == torch.float64
     print(f"{cfg.design}: max relative loss difference over 200 steps {r['trajectory_max_rel_loss_diff']:.2e}")

@@ -12,8 +12,8 @@ for it) and its share of the measured ceilings; memory. Paths are measured in ro
 alternate between them, so machine noise hits all alike. Then each framework trains its
 fastest recipe for this kind of chip, epoch by epoch in turn, until 99.0% test digit and sum.
 
-On a CPU (benchmarks/cpu.*): JAX's train step (16 steps per compiled call, what train_jax.py
-runs) and one step per call, PyTorch eager and torch.compile, at batch 32, 128, 512; peak RSS
+On a CPU (benchmarks/cpu.*): JAX's train step (16 steps per compiled call) and one step per
+call (what train_jax.py runs on a CPU), PyTorch eager and torch.compile, at batch 32, 128, 512; peak RSS
 per path in a child process; the JAX step data-parallel over 2 host devices in a child of its own.
 On a GPU: JAX in fp32 and bf16, its steps in a lax.scan (this backend's default) or unrolled, and
 a whole epoch per call; PyTorch eager, torch.compile, and torch.compile with CUDA graphs; at
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import numpy as np  # noqa: E402
 
 from common.cli import UserError, run_main  # noqa: E402
-from common.config import PRESETS  # noqa: E402
+from common.config import ACCELERATOR_STEPS_PER_CALL, PRESETS  # noqa: E402
 
 SUITES = {
     "cpu": [("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")],
@@ -66,7 +66,8 @@ def path_config(framework: str, variant: str, batch_size: int, base, n_train: in
     """The Config a path trains with (`base` with the variant's changes)."""
     from common.loop import steps_per_epoch
 
-    cfg = replace(base, batch_size=batch_size)
+    # train_step: several steps per compiled call, the default on an accelerator (common/config.py).
+    cfg = replace(base, batch_size=batch_size, steps_per_call=base.steps_per_call or ACCELERATOR_STEPS_PER_CALL)
     if variant == "single_step":
         cfg = replace(cfg, steps_per_call=1)
     if variant == "train_step_2dev":
@@ -429,7 +430,7 @@ def training_runs(suite: str, results: list[dict], torch_device: str) -> list[di
 
     base = replace(Config(), device=torch_device)
     if suite == "cpu":
-        return [{"name": "default", "framework": "jax", "variant": "train_step", "cfg": base, "until_target": True},
+        return [{"name": "default", "framework": "jax", "variant": "single_step", "cfg": base, "until_target": True},
                 {"name": "default", "framework": "torch", "variant": "eager", "cfg": base, "until_target": True}]
     recipe = replace(base, **ACCELERATOR_RECIPE)
     batch = recipe.batch_size

@@ -171,7 +171,7 @@ BAD_NUMBERS = [
     (["--holdout-pairs", "51"], "--holdout-pairs must be in"),
     (["--conv1", "0"], "--conv1 must be in"),
     (["--devices", "-1"], "--devices must be in"),
-    (["--steps-per-call", "0"], "--steps-per-call must be in"),
+    (["--steps-per-call", "257"], "--steps-per-call must be in"),
     (["--num-processes", "0"], "--num-processes must be in"),
     (["--epochs", "nan"], "invalid int value"),
 ]

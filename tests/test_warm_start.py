@@ -48,3 +48,16 @@ def test_chunks_before_the_fused_program_is_ready_run_step_by_step(splits):
     trainer.wait_until_compiled()
     assert trainer._train._fused.done() and trainer._train._fused.exception() is None
     trainer.close()
+
+
+def test_on_a_cpu_the_default_trains_one_step_per_call_and_compiles_nothing_fused(splits):
+    """The CPU default (--steps-per-call 0): fusing saves little there and compiling the fused
+    program delayed a cold start's first epoch, so nothing compiles in the background."""
+    trainer = JaxTrainer(replace(SMALL, steps_per_call=0), splits[0], 100)
+    batches, shifts = epoch_plan(SMALL, len(splits[0]), 1)
+    assert trainer.steps_per_call == 1
+    for i in range(3):
+        trainer.train_steps(batches[i : i + 1], shifts[i : i + 1])
+    assert trainer._train._fused is None
+    trainer.close()
+    assert JaxTrainer(SMALL, splits[0], 100).steps_per_call == SMALL.steps_per_call  # a given number wins

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common import data as D
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, steps_per_call
 from common.loop import run_training
 from common.malloc import keep_freed_memory
 from common.schedule import lr_at, lr_knots
@@ -157,4 +157,4 @@ def run(cfg: Config) -> list[dict]:
         keep_freed_memory()  # a CPU setting (common/malloc.py says why)
     else:
         allow_tf32(True)  # the precision JAX uses on the same GPU
-    return run_training(cfg, TorchTrainer, environment(device), cfg.steps_per_call)
+    return run_training(cfg, TorchTrainer, environment(device), steps_per_call(cfg, on_cpu=device.type == "cpu"))
