@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from common import data as D
-from common.config import Config
+from common.config import Config, steps_per_call
 from common.loop import run_training
 from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed
@@ -114,7 +114,7 @@ def default_loop() -> str:
 
 
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh | None = None, loop: str | None = None) -> Callable:
+                    mesh: jax.sharding.Mesh, loop: str | None = None) -> Callable:
     """Returns train(state, dataset, batch_indices (k, b), shifts (k, b, 2) | None) -> (state, losses (k,)),
     compiled once per k, its steps unrolled or in a `lax.scan` (`loop`; None: `default_loop()`).
 
@@ -122,13 +122,16 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     function sees plain pytrees (no per-call NNX graph traversal), and `state` is donated so
     XLA updates parameters and Adam moments in place.
 
-    With a `mesh` (data parallelism): the caller passes the state and dataset replicated and the
-    indices and offsets split along the batch (jax_impl/distributed.py); the same function is
-    compiled for the whole mesh, each device computes its share of the batch, and XLA inserts
-    the all-reduce that makes the mean loss and its gradient global. The state comes back
-    replicated, the update identical on every device.
+    Data parallelism over `mesh` (one device or many): the caller passes the state and dataset
+    replicated and the indices and offsets split along the batch (jax_impl/distributed.py); each
+    device computes its share of the batch, and XLA inserts the all-reduce that makes the mean
+    loss and its gradient global. The state comes back replicated, the update identical on
+    every device.
     """
-    examples = None if mesh is None else distributed.batch_sharding(mesh, 0)
+    loop = loop or default_loop()
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    examples = distributed.batch_sharding(mesh, 0)
 
     def one_step(state: State, dataset: dict, idx: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
         images = dataset["images"][idx]
@@ -136,8 +139,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             images = translate(images, shifts, cfg.shift)
         images = preprocess(images)
         numbers, labels = dataset["numbers"][idx], dataset["labels"][idx]
-        if examples is not None:  # keep the activations split by example (XLA would infer it; this pins it)
-            images, numbers, labels = (jax.lax.with_sharding_constraint(a, examples) for a in (images, numbers, labels))
+        # Keep the activations split by example (XLA would infer it; this pins it).
+        images, numbers, labels = (jax.lax.with_sharding_constraint(a, examples) for a in (images, numbers, labels))
 
         def loss_of(params):
             if cfg.precision == "bf16":
@@ -150,15 +153,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
     # On a CPU, XLA hands the step's convolutions and elementwise work to YNNPACK (cpu_speed.py;
     # benchmarks/README.md, row "**YNNPACK**"); elsewhere no options.
-    jit = partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
-    if mesh is not None:
-        jit = partial(jit, out_shardings=distributed.replicated(mesh))  # new state and losses: on every device
-
-    loop = loop or default_loop()
-    if loop not in LOOPS:
-        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
-
-    @jit
+    # The new state and the losses: on every device.
+    @partial(jax.jit, donate_argnums=0, compiler_options=compiler_options(), out_shardings=distributed.replicated(mesh))
     def train(state: State, dataset: dict, batch_indices: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
         if loop == "scan":
             state, losses = jax.lax.scan(lambda s, xs: one_step(s, dataset, *xs), state, (batch_indices, shifts))
@@ -212,28 +208,23 @@ class JaxTrainer:
                  loop: str | None = None):
         """`loop`: how a compiled call runs its steps (`make_train_step`); None: this backend's default."""
         self._compile_mark = COMPILE_CLOCK.total
-        self.mesh = distributed.data_mesh(cfg)  # None: one device, the plain path
+        self.mesh = distributed.data_mesh(cfg)
         graphdef, params = nnx.split(init_model(cfg))
         self.tx = make_optimizer(cfg, total_steps)
-        self.state = {"params": params, "opt_state": self.tx.init(params)}
-        if self.mesh is None:
-            self.dataset = {"images": jnp.asarray(train_split.images), "labels": jnp.asarray(train_split.labels),
-                            "numbers": jnp.asarray(train_split.numbers)}
-        else:  # parameters, optimiser state and the training set on every device of the mesh
-            self.state = distributed.replicate(self.state, self.mesh)
-            self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
-                                                  "numbers": train_split.numbers}, self.mesh)
+        # Parameters, optimiser state and the training set on every device of the mesh.
+        self.state = distributed.replicate({"params": params, "opt_state": self.tx.init(params)}, self.mesh)
+        self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
+                                              "numbers": train_split.numbers}, self.mesh)
+        self.steps_per_call = steps_per_call(cfg, on_cpu=jax.default_backend() == "cpu")
         # Trains at once on a cold start, fusing steps once that program is compiled (warm_start.py).
-        self._train = FusedWhenReady(make_train_step(cfg, graphdef, self.tx, self.mesh, loop), cfg.steps_per_call,
+        self._train = FusedWhenReady(make_train_step(cfg, graphdef, self.tx, self.mesh, loop), self.steps_per_call,
                                      self.place_batch, background=jax.process_count() == 1)
         self._predict = make_predict(graphdef)
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
 
     def place_batch(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> tuple[jax.Array, jax.Array | None]:
-        """Indices (k, b) and offsets (k, b, 2) as the step takes them: on the device, or split
-        along b over the mesh (each process sends its slice)."""
-        if self.mesh is None:
-            return jnp.asarray(batch_indices), None if shifts is None else jnp.asarray(shifts)
+        """Indices (k, b) and offsets (k, b, 2) as the step takes them: split along b over the
+        mesh (each process sends its slice)."""
         return distributed.shard(batch_indices, self.mesh), None if shifts is None else distributed.shard(shifts, self.mesh)
 
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
@@ -257,8 +248,7 @@ class JaxTrainer:
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Evaluates on one device (each process on its own first one) with float32 parameters,
         whatever the mesh and the precision of training."""
-        params = self.state["params"] if self.mesh is None else distributed.local_copy(self.state["params"])
-        return self._predict(params, images, numbers)
+        return self._predict(distributed.local_copy(self.state["params"]), images, numbers)
 
     def save(self, global_step: int, position: dict) -> None:
         """Blocks until the checkpoint is complete (jax_impl/checkpoint.py: errors, refusals)."""
@@ -284,5 +274,6 @@ def run(cfg: Config) -> list[dict]:
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
-    return run_training(cfg, JaxTrainer, environment(), cfg.steps_per_call, write_outputs=jax.process_index() == 0,
+    chunk = steps_per_call(cfg, on_cpu=jax.default_backend() == "cpu")
+    return run_training(cfg, JaxTrainer, environment(), chunk, write_outputs=jax.process_index() == 0,
                         processes=jax.process_count())

@@ -153,7 +153,7 @@ def test_steps_in_a_scan_train_as_the_unrolled_steps(splits):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert jtrain.default_loop() == ("unroll" if jax.default_backend() == "cpu" else "scan")
     with pytest.raises(ValueError, match="loop"):
-        jtrain.make_train_step(SMALL, None, None, loop="while")
+        jtrain.make_train_step(SMALL, None, None, None, loop="while")
 
 
 def test_the_background_compile_keeps_float64(splits):

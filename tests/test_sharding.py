@@ -61,8 +61,8 @@ def child(subset: Path, devices: list[int]) -> None:
         trainer = T.JaxTrainer(replace(SMALL, devices=n), split, total_steps=STEPS)
         losses = np.concatenate([trainer.train_steps(batches[i : i + PER_CALL], shifts[i : i + PER_CALL])
                                  for i in range(0, STEPS, PER_CALL)])
-        params = trainer.state["params"] if trainer.mesh is None else T.distributed.local_copy(trainer.state["params"])
-        runs[n] = {"losses": losses.tolist(), "mesh": 1 if trainer.mesh is None else trainer.mesh.size,
+        params = T.distributed.local_copy(trainer.state["params"])
+        runs[n] = {"losses": losses.tolist(), "mesh": trainer.mesh.size,
                    "param_sharding": str(jax.tree.leaves(trainer.state["params"])[0].sharding),
                    "params": [np.asarray(p) for p in jax.tree.leaves(params)]}
     first = runs[devices[0]]["params"]
