@@ -12,12 +12,35 @@ from common.data import NUM_DIGITS, NUM_SUMS
 from jax_impl.ops import dense_with_number, max_pool_2x2
 
 
+class NumberLine(nnx.Module):
+    """Sum logits from positions on one learned line: the digit sits at the expected position of
+    its class under the digit head's softmax, r at a learned position of its own, and their sum
+    is read as the nearest of 19 learned sum positions (logits fall with the squared distance).
+    Every position is learned from the sum labels; adding the two positions is the only
+    structure, so a (digit, r) pair never trained on lands where the seen pairs put its sum.
+    A line of one dimension: with more, the network had room to memorise pairs again
+    (docs/results.md, "Unseen pairs")."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.1)  # small: the positions start together and spread in order
+        self.digit_at = nnx.Param(init(rngs.params(), (NUM_DIGITS,)))
+        self.number_at = nnx.Param(init(rngs.params(), (NUM_DIGITS,)))
+        self.sum_at = nnx.Param(init(rngs.params(), (NUM_SUMS,)))
+        self.log_sharpness = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, digit_probs: jax.Array, numbers: jax.Array) -> jax.Array:
+        position = digit_probs @ self.digit_at[...] + self.number_at[...][numbers]
+        return -jnp.exp(self.log_sharpness[...]) * (position[:, None] - self.sum_at[...]) ** 2
+
+
 class SumNet(nnx.Module):
     """conv3x3 -> relu -> pool -> conv3x3 -> relu -> pool -> flatten, then, by `design`:
 
     - "flatten" (the assignment's): concat one-hot(r) -> fc -> relu -> digit head and sum head.
     - "digit": fc -> relu -> digit head; a small adder MLP reads softmax(digit logits)
       next to one-hot(r), so the sum is built from what the digit head knows.
+    - "numberline": the digit design's trunk; the sum from softmax(digit logits) and r added
+      on a learned number line (`NumberLine`), so it generalises to unseen (digit, r) pairs.
     """
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
@@ -28,6 +51,9 @@ class SumNet(nnx.Module):
         fc_in = flat + NUM_DIGITS if cfg.design == "flatten" else flat
         self.fc = nnx.Linear(fc_in, cfg.hidden, rngs=rngs)
         self.digit_head = nnx.Linear(cfg.hidden, NUM_DIGITS, rngs=rngs)
+        if cfg.design == "numberline":
+            self.numberline = NumberLine(rngs)
+            return
         if cfg.design == "digit":
             self.adder = nnx.Linear(2 * NUM_DIGITS, cfg.adder_hidden, rngs=rngs)
         self.sum_head = nnx.Linear(cfg.hidden if cfg.design == "flatten" else cfg.adder_hidden, NUM_SUMS, rngs=rngs)
@@ -42,6 +68,8 @@ class SumNet(nnx.Module):
             h = jax.nn.relu(dense_with_number(self.fc, x, numbers))
             return self.digit_head(h), self.sum_head(h)
         digit_logits = self.digit_head(jax.nn.relu(self.fc(x)))
+        if self.design == "numberline":
+            return digit_logits, self.numberline(jax.nn.softmax(digit_logits), numbers)
         one_hot = jax.nn.one_hot(numbers, NUM_DIGITS, dtype=x.dtype)
         adder_in = jnp.concatenate([jax.nn.softmax(digit_logits), one_hot], axis=-1)
         return digit_logits, self.sum_head(jax.nn.relu(self.adder(adder_in)))

@@ -5,7 +5,8 @@ Layout differences handled here, and only here:
 - linear kernels: Flax (in, out), PyTorch weight (out, in);
 - the first fully connected layer's inputs: Flax flattens the image features
   in (h, w, c) order, PyTorch in (c, h, w); the one-hot(r) columns (design
-  "flatten") come after them in both and are copied as they are.
+  "flatten") come after them in both and are copied as they are;
+- the number line's positions (design "numberline") have one layout in both.
 The maps are permutations and transposes, so they also carry gradients and
 Adam moments, and a round trip is exact.
 """
@@ -45,12 +46,16 @@ def flax_to_torch(params: dict, like: dict[str, torch.Tensor]) -> dict[str, torc
         raise ShapeMismatch(f"layers differ: Flax {sorted(params)}, PyTorch {sorted({k.split('.')[0] for k in like})}")
     out = {}
     for layer in params:
-        kernel, bias = np.asarray(params[layer]["kernel"]), np.asarray(params[layer]["bias"])
-        if kernel.ndim == 4:
-            weight = kernel.transpose(3, 2, 0, 1)
+        if "kernel" not in params[layer]:  # the number line's positions: the same layout in both
+            named = [(name, np.asarray(value)) for name, value in params[layer].items()]
         else:
-            weight = (_fc_rows_hwc_to_chw(kernel, channels) if layer == "fc" else kernel).T
-        for suffix, value in (("weight", weight), ("bias", bias)):
+            kernel, bias = np.asarray(params[layer]["kernel"]), np.asarray(params[layer]["bias"])
+            if kernel.ndim == 4:
+                weight = kernel.transpose(3, 2, 0, 1)
+            else:
+                weight = (_fc_rows_hwc_to_chw(kernel, channels) if layer == "fc" else kernel).T
+            named = [("weight", weight), ("bias", bias)]
+        for suffix, value in named:
             key = f"{layer}.{suffix}"
             if key not in like:
                 raise ShapeMismatch(f"{key}: no such parameter in the PyTorch model")
@@ -67,6 +72,13 @@ def torch_to_flax(state_dict: dict[str, torch.Tensor], like: dict) -> dict:
         raise ShapeMismatch(f"layers differ: PyTorch {layers}, Flax {sorted(like)}")
     out = {}
     for layer in layers:
+        if f"{layer}.weight" not in state_dict:  # the number line's positions: the same layout in both
+            out[layer] = {}
+            for name in like[layer]:
+                value = state_dict[f"{layer}.{name}"].detach().cpu().numpy().copy()
+                _check(f"{layer}.{name}", value.shape, np.shape(like[layer][name]), "Flax")
+                out[layer][name] = value
+            continue
         weight = state_dict[f"{layer}.weight"].detach().cpu().numpy()
         bias = state_dict[f"{layer}.bias"].detach().cpu().numpy()
         if weight.ndim == 4:

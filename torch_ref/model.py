@@ -10,6 +10,22 @@ from common.config import Config
 from common.data import NUM_DIGITS, NUM_SUMS
 
 
+class NumberLine(nn.Module):
+    """jax_impl/model.py's NumberLine: learned positions of the digit classes, of r and of the
+    sums on one line; sum logits fall with the squared distance from digit + r."""
+
+    def __init__(self):
+        super().__init__()
+        self.digit_at = nn.Parameter(0.1 * torch.randn(NUM_DIGITS))
+        self.number_at = nn.Parameter(0.1 * torch.randn(NUM_DIGITS))
+        self.sum_at = nn.Parameter(0.1 * torch.randn(NUM_SUMS))
+        self.log_sharpness = nn.Parameter(torch.zeros(()))
+
+    def forward(self, digit_probs: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        position = digit_probs @ self.digit_at + self.number_at[numbers]
+        return -self.log_sharpness.exp() * (position[:, None] - self.sum_at) ** 2
+
+
 class SumNet(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -19,6 +35,9 @@ class SumNet(nn.Module):
         self.conv2 = nn.Conv2d(cfg.conv1, cfg.conv2, 3, padding=1)
         self.fc = nn.Linear(flat + NUM_DIGITS if cfg.design == "flatten" else flat, cfg.hidden)
         self.digit_head = nn.Linear(cfg.hidden, NUM_DIGITS)
+        if cfg.design == "numberline":
+            self.numberline = NumberLine()
+            return
         if cfg.design == "digit":
             self.adder = nn.Linear(2 * NUM_DIGITS, cfg.adder_hidden)
         self.sum_head = nn.Linear(cfg.hidden if cfg.design == "flatten" else cfg.adder_hidden, NUM_SUMS)
@@ -33,5 +52,7 @@ class SumNet(nn.Module):
             h = F.relu(self.fc(torch.cat([x, one_hot], dim=1)))
             return self.digit_head(h), self.sum_head(h)
         digit_logits = self.digit_head(F.relu(self.fc(x)))
+        if self.design == "numberline":
+            return digit_logits, self.numberline(F.softmax(digit_logits, dim=1), numbers)
         adder_in = torch.cat([F.softmax(digit_logits, dim=1), one_hot], dim=1)
         return digit_logits, self.sum_head(F.relu(self.adder(adder_in)))
