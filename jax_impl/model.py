@@ -13,8 +13,8 @@ from jax_impl.ops import dense_with_number, max_pool_2x2
 
 
 class NumberLine(nnx.Module):
-    """Sum logits from positions on one learned line: the digit sits at the expected position of
-    its class under the digit head's softmax, r at a learned position of its own, and their sum
+    """Sum logits from positions on one learned line: the digit sits at the learned position of
+    the digit head's likeliest class, r at a learned position of its own, and their sum
     is read as the nearest of 19 learned sum positions (logits fall with the squared distance).
     Every position is learned from the sum labels; adding the two positions is the only
     structure, so a (digit, r) pair never trained on lands where the seen pairs put its sum.
@@ -28,8 +28,13 @@ class NumberLine(nnx.Module):
         self.sum_at = nnx.Param(init(rngs.params(), (NUM_SUMS,)))
         self.log_sharpness = nnx.Param(jnp.zeros(()))
 
-    def __call__(self, digit_probs: jax.Array, numbers: jax.Array) -> jax.Array:
-        position = digit_probs @ self.digit_at[...] + self.number_at[...][numbers]
+    def __call__(self, digit_logits: jax.Array, numbers: jax.Array) -> jax.Array:
+        # The digit sits at the position of the digit head's decision, and the sum loss trains
+        # only the line. At the softmax's expected position an unsure test digit fell between two
+        # positions, on a wrong sum; with the sum loss also training the digit head, the digits
+        # were worse (docs/results.md, "Unseen pairs").
+        likeliest = jax.nn.one_hot(jax.lax.stop_gradient(digit_logits).argmax(-1), NUM_DIGITS, dtype=digit_logits.dtype)
+        position = likeliest @ self.digit_at[...] + self.number_at[...][numbers]
         return -jnp.exp(self.log_sharpness[...]) * (position[:, None] - self.sum_at[...]) ** 2
 
 
@@ -39,8 +44,8 @@ class SumNet(nnx.Module):
     - "flatten" (the assignment's): concat one-hot(r) -> fc -> relu -> digit head and sum head.
     - "digit": fc -> relu -> digit head; a small adder MLP reads softmax(digit logits)
       next to one-hot(r), so the sum is built from what the digit head knows.
-    - "numberline": the digit design's trunk; the sum from softmax(digit logits) and r added
-      on a learned number line (`NumberLine`), so it generalises to unseen (digit, r) pairs.
+    - "numberline": the digit design's trunk; the digit head's decision and r added on a
+      learned number line (`NumberLine`), so it generalises to unseen (digit, r) pairs.
     """
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
@@ -69,7 +74,7 @@ class SumNet(nnx.Module):
             return self.digit_head(h), self.sum_head(h)
         digit_logits = self.digit_head(jax.nn.relu(self.fc(x)))
         if self.design == "numberline":
-            return digit_logits, self.numberline(jax.nn.softmax(digit_logits), numbers)
+            return digit_logits, self.numberline(digit_logits, numbers)
         one_hot = jax.nn.one_hot(numbers, NUM_DIGITS, dtype=x.dtype)
         adder_in = jnp.concatenate([jax.nn.softmax(digit_logits), one_hot], axis=-1)
         return digit_logits, self.sum_head(jax.nn.relu(self.adder(adder_in)))

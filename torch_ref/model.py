@@ -12,7 +12,7 @@ from common.data import NUM_DIGITS, NUM_SUMS
 
 class NumberLine(nn.Module):
     """jax_impl/model.py's NumberLine: learned positions of the digit classes, of r and of the
-    sums on one line; sum logits fall with the squared distance from digit + r."""
+    sums on one line; sum logits fall with the squared distance from the decided digit's + r's."""
 
     def __init__(self):
         super().__init__()
@@ -21,8 +21,9 @@ class NumberLine(nn.Module):
         self.sum_at = nn.Parameter(0.1 * torch.randn(NUM_SUMS))
         self.log_sharpness = nn.Parameter(torch.zeros(()))
 
-    def forward(self, digit_probs: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        position = digit_probs @ self.digit_at + self.number_at[numbers]
+    def forward(self, digit_logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        likeliest = F.one_hot(digit_logits.argmax(1), NUM_DIGITS).to(digit_logits.dtype)  # no gradient, as in JAX
+        position = likeliest @ self.digit_at + self.number_at[numbers]
         return -self.log_sharpness.exp() * (position[:, None] - self.sum_at) ** 2
 
 
@@ -53,6 +54,6 @@ class SumNet(nn.Module):
             return self.digit_head(h), self.sum_head(h)
         digit_logits = self.digit_head(F.relu(self.fc(x)))
         if self.design == "numberline":
-            return digit_logits, self.numberline(F.softmax(digit_logits, dim=1), numbers)
+            return digit_logits, self.numberline(digit_logits, numbers)
         adder_in = torch.cat([F.softmax(digit_logits, dim=1), one_hot], dim=1)
         return digit_logits, self.sum_head(F.relu(self.adder(adder_in)))
