@@ -45,7 +45,7 @@ RECIPE_GROUPS = ("model", "recipe")
 class Config:
     design: str = setting("flatten", "model", "where r joins: flatten (one-hot r after the conv stack, the assignment's), "
                           "digit (an adder reads the digit head's softmax and one-hot r), or numberline (the digit head's "
-                          "softmax and r added on a learned number line: generalises to unseen pairs)", choices=DESIGNS)
+                          "decision and r added on a learned number line: generalises to unseen pairs)", choices=DESIGNS)
     conv1: int = setting(32, "model", "channels of the first 3x3 convolution", low=1, high=1024)
     conv2: int = setting(64, "model", "channels of the second 3x3 convolution", low=1, high=1024)
     hidden: int = setting(256, "model", "width of the fully connected layer", low=1, high=16384)
