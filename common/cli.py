@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from common.config import ConfigError
 from common.data import DataError
+from common.signals import Interrupted, stop_on_signals
 
 
 class UserError(Exception):
@@ -20,15 +21,6 @@ class UserError(Exception):
 
 class RunFailed(Exception):
     """Training started but cannot go on (a checkpoint could not be written...): exit code 1."""
-
-
-class Interrupted(BaseException):
-    """Stopped by a signal (Ctrl-C, SIGTERM), after saving what there was to save. A
-    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def os_error_line(e: OSError, path: object = None) -> str:
@@ -57,39 +49,6 @@ def run_main(main: Callable[[], object]) -> None:
     except OSError as e:  # one the program did not foresee: still one line
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(1)
-
-
-_stopped_by: int | None = None  # a signal that arrived outside the training loop
-
-
-def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM (a timeout, SLURM, Kubernetes) stop a training script the same way:
-    inside the training loop after the current step and a checkpoint (`common.loop`), outside it
-    at the next `raise_if_stopped`. Raising from the handler itself could land in a garbage
-    collector callback or an import's `except:`, which print a traceback or swallow it; a
-    second signal does raise at once, for a start that hangs."""
-
-    def stop(signum, frame):
-        global _stopped_by
-        again = _stopped_by is not None
-        _stopped_by = signum
-        if again:
-            raise_if_stopped()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-
-
-def stopped_by() -> int | None:
-    """The signal that arrived outside the training loop, if any."""
-    return _stopped_by
-
-
-def raise_if_stopped() -> None:
-    """Raises Interrupted if a signal arrived since `stop_on_signals`."""
-    if _stopped_by is not None:
-        raise Interrupted(f"{signal.Signals(_stopped_by).name} outside the training steps; the last checkpoint "
-                          "stays as it was", _stopped_by)
 
 
 def train_main(module: str, description: str, argv: list[str] | None = None) -> None:

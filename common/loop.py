@@ -3,32 +3,27 @@ A framework plugs in through the small `Trainer` interface."""
 
 from __future__ import annotations
 
-import signal
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from common import data as D
 from common import rundir
-from common.cli import (
-    Interrupted,
-    RunFailed,
-    UserError,
-    os_error_line,
-    raise_if_stopped,
-    stopped_by,
-)
+from common.cli import RunFailed, UserError, os_error_line
 from common.config import Config
 from common.metrics import score
 from common.runlog import NullLog, RunLog, plot_predictions, remove_temp_files
+from common.signals import during_steps, interrupted, raise_if_stopped, received
 
 
 class Trainer(Protocol):
+    steps_per_call: int  # rows of indices the loop hands `train_steps` at once (the last call may get fewer)
+
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None) -> np.ndarray:
         """Runs one step per row of indices into the training split, translating each image
         by its crop offset in `shifts` (None: no augmentation); returns the losses."""
@@ -42,30 +37,6 @@ class Trainer(Protocol):
 
     def restore(self) -> dict | None:
         """Loads the latest checkpoint into the trainer; returns its position (None: there is none)."""
-
-
-class StopOnSignal:
-    """Turns Ctrl-C and SIGTERM into a flag the loop checks between steps, so a step is never cut
-    in half (JAX donates the old state to the step: stopping mid-call could lose it) and the
-    loop can save before it stops."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> Self:
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        self.received: int | None = stopped_by()  # one that came just before
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def stop(self, saved: str, run_dir: Path) -> Interrupted:
-        name = signal.Signals(self.received).name
-        return Interrupted(f"{name}; saved {saved}; continue with --resume {run_dir}", self.received)
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
@@ -97,14 +68,13 @@ def describe(position: dict) -> str:
     return f"the end of epoch {position['epoch'] - 1}" if position["epoch"] > 1 else "the start"
 
 
-def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLog, steps_per_call: int = 1,
-        resume: bool = False) -> list[dict]:
+def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLog, resume: bool = False) -> list[dict]:
     """Trains epoch by epoch. Everything random is a function of (seed, epoch), so a position
     (epoch, step, the epoch's losses so far) is all a checkpoint needs to resume exactly.
     An epoch is logged only after its checkpoint is committed; the checkpoint carries the
     epoch's metrics too, so a log line lost between the two is written on --resume."""
     epochs = 1 if cfg.dry_run else cfg.epochs
-    per_epoch = steps_per_epoch(cfg, len(train))
+    per_epoch, per_call = steps_per_epoch(cfg, len(train)), trainer.steps_per_call
     restored = trainer.restore() if resume else None
     position = restored or {"epoch": 1, "step": 0, "losses": []}
     checkpoints = Checkpoints(trainer, log.dir, restored)
@@ -119,26 +89,26 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
     held_out = D.holdout_pairs(cfg.holdout_pairs)
     unseen = D.is_held_out(test.labels, test.numbers, held_out) if held_out else None
     raise_if_stopped()  # restoring took a while
-    with StopOnSignal() as signals:
+    with during_steps():
         for epoch in range(position["epoch"], epochs + 1):
             start = time.perf_counter()
             batches, shifts = epoch_plan(cfg, len(train), epoch)
             first = position["step"] if epoch == position["epoch"] else 0
             losses = list(position["losses"]) if epoch == position["epoch"] else []
             with tqdm(total=len(batches), initial=first, desc=f"epoch {epoch}/{epochs}", leave=False, unit="step") as bar:
-                for step in range(first, len(batches), steps_per_call):
-                    chunk = trainer.train_steps(batches[step : step + steps_per_call],
-                                                None if shifts is None else shifts[step : step + steps_per_call])
+                for step in range(first, len(batches), per_call):
+                    chunk = trainer.train_steps(batches[step : step + per_call],
+                                                None if shifts is None else shifts[step : step + per_call])
                     if not np.isfinite(chunk).all():
                         raise FloatingPointError(f"epoch {epoch}, step {step}: the training loss is not finite; "
                                                  f"stopped, {checkpoints.kept()}")
                     losses.extend(chunk.tolist())
                     bar.update(len(chunk))
                     bar.set_postfix(loss=f"{chunk[-1]:.4f}")
-                    if signals.received and len(losses) < len(batches):
+                    if received() and len(losses) < len(batches):
                         mid_epoch = {"epoch": epoch, "step": len(losses), "losses": losses}
                         checkpoints.save((epoch - 1) * per_epoch + len(losses), mid_epoch)
-                        raise signals.stop(describe(mid_epoch), log.dir)
+                        raise interrupted(describe(mid_epoch), log.dir)
             train_loss = float(np.mean(losses))
             train_time = time.perf_counter() - start  # steps only (compilation included), not the evaluation
             logits = trainer.predict(test.images, test.numbers)
@@ -155,8 +125,8 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
                        f"digit {100 * metrics['test_digit_acc']:.2f}%  sum {100 * metrics['test_sum_acc']:.2f}%  "
                        + (f"(unseen pairs {100 * metrics['test_sum_acc_unseen']:.2f}%)  " if held_out else "")
                        + f"{metrics['epoch_time_s']:.1f}s")
-            if signals.received and epoch < epochs:
-                raise signals.stop(checkpoints.last, log.dir)
+            if received() and epoch < epochs:
+                raise interrupted(checkpoints.last, log.dir)
     return history
 
 
@@ -167,8 +137,7 @@ def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.nd
     return batches, shifts
 
 
-def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: int = 1,
-                 write_outputs: bool = True, processes: int = 1) -> list[dict]:
+def run_training(cfg: Config, make_trainer, environment: dict, write_outputs: bool = True, processes: int = 1) -> list[dict]:
     """Everything a training script does, for either framework: the run folder (`common.rundir`),
     data, trainer (`make_trainer(cfg, train_split, total_steps, run_dir)`), resume, the loop.
     `write_outputs=False` (processes 1.. of a multi-process run): the same steps and checkpoint
@@ -193,7 +162,7 @@ def run_training(cfg: Config, make_trainer, environment: dict, steps_per_call: i
             run.start_training()
             if run.default and write_outputs:
                 print(f"run folder: {run.dir}")
-            return fit(cfg, trainer, train, test, log, steps_per_call, resume=resume)
+            return fit(cfg, trainer, train, test, log, resume=resume)
         except OSError as e:  # a failed checkpoint is reported where it is saved (RunFailed)
             remove_temp_files(run.dir)
             if not run.training:

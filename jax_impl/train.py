@@ -274,6 +274,5 @@ def run(cfg: Config) -> list[dict]:
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
-    chunk = steps_per_call(cfg, on_cpu=jax.default_backend() == "cpu")
-    return run_training(cfg, JaxTrainer, environment(), chunk, write_outputs=jax.process_index() == 0,
+    return run_training(cfg, JaxTrainer, environment(), write_outputs=jax.process_index() == 0,
                         processes=jax.process_count())

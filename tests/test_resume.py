@@ -141,6 +141,41 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_identically(f
     assert_resumes_identically(framework, run, reference[framework])
 
 
+@pytest.fixture
+def own_signal_state():
+    """The process's handlers and `common.signals`' record, put back after the test."""
+    from common import signals
+
+    handlers = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    yield signals
+    signals._received = None
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
+def test_inside_the_steps_even_a_second_signal_only_records(own_signal_state):
+    signals = own_signal_state
+    with signals.during_steps():
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)  # a second one: still no exception mid-step
+        assert signals.received() == signal.SIGINT
+        with pytest.raises(signals.Interrupted, match=r"^SIGINT; saved epoch 2, step 7; continue with --resume run$"):
+            raise signals.interrupted("epoch 2, step 7", Path("run"))
+    assert signal.getsignal(signal.SIGTERM) is not signals._handle  # the handler before the loop is back
+
+
+def test_outside_the_steps_a_signal_stops_at_the_next_check_and_a_second_at_once(own_signal_state):
+    signals = own_signal_state
+    signals.stop_on_signals()
+    signals.raise_if_stopped()  # nothing arrived: no-op
+    signal.raise_signal(signal.SIGTERM)  # recorded, not raised (it could land anywhere)
+    with pytest.raises(signals.Interrupted, match="^SIGTERM outside the training steps") as stopped:
+        signals.raise_if_stopped()
+    assert stopped.value.signum == signal.SIGTERM
+    with pytest.raises(signals.Interrupted):  # a start that hangs: the second one raises from the handler
+        signal.raise_signal(signal.SIGINT)
+
+
 # The training script, with the metrics log failing (a full disk) when epoch 2 is logged: after
 # its checkpoint is committed, before its line is written.
 LOG_FAILS_AT_EPOCH_2 = """

@@ -102,6 +102,7 @@ class TorchTrainer:
         self.images = torch.tensor(train_split.images, device=self.device)
         self.labels = torch.tensor(train_split.labels, dtype=torch.long, device=self.device)
         self.numbers = torch.tensor(train_split.numbers, dtype=torch.long, device=self.device)
+        self.steps_per_call = steps_per_call(cfg, on_cpu=self.device.type == "cpu")
         self.run_dir = run_dir
         self.compile_mode = compile_mode
         self._forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode, dynamic=False)
@@ -157,4 +158,4 @@ def run(cfg: Config) -> list[dict]:
         keep_freed_memory()  # a CPU setting (common/malloc.py says why)
     else:
         allow_tf32(True)  # the precision JAX uses on the same GPU
-    return run_training(cfg, TorchTrainer, environment(device), steps_per_call(cfg, on_cpu=device.type == "cpu"))
+    return run_training(cfg, TorchTrainer, environment(device))
