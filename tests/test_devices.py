@@ -217,9 +217,17 @@ def test_jax_platforms_decides_before_jax_starts():
 def test_torch_runs_keep_freed_memory_only_on_the_cpu(monkeypatch):
     calls = {}
     monkeypatch.setattr(ttrain, "keep_freed_memory", lambda: calls.setdefault("malloc", True))
-    monkeypatch.setattr(ttrain, "run_training", lambda cfg, make, env, steps_per_call: calls.update(env=env, chunk=steps_per_call))
-    ttrain.run(replace(Config(), device="cpu", steps_per_call=7))
-    assert calls == {"malloc": True, "env": ttrain.environment(torch.device("cpu")), "chunk": 7}
+    monkeypatch.setattr(ttrain, "run_training", lambda cfg, make, env: calls.update(env=env))
+    ttrain.run(replace(Config(), device="cpu"))
+    assert calls == {"malloc": True, "env": ttrain.environment(torch.device("cpu"))}
+
+
+def test_the_torch_trainer_takes_one_step_per_call_on_a_cpu_unless_told(splits):
+    """The loop hands a trainer `steps_per_call` batches at once: on a CPU one (the default 0),
+    else the number given."""
+    for given, expected in ((0, 1), (7, 7)):
+        cfg = replace(Config(), device="cpu", steps_per_call=given)
+        assert ttrain.TorchTrainer(cfg, splits[0], 10).steps_per_call == expected
 
 
 # --- TF32 off for parity --------------------------------------------------------------------
