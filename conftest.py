@@ -3,6 +3,8 @@ cache, else downloaded and verified; CI sets MNIST_DIR). A missing data set is a
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,23 @@ def mnist_arrays(mnist_dir) -> dict:
 @pytest.fixture(scope="session")
 def splits(mnist_arrays) -> tuple[D.Split, D.Split]:
     return D.make_splits(mnist_arrays, seed=0)
+
+
+ACCELERATOR_CHECK = Path(__file__).resolve().parent / "scripts" / "accelerator_check.sh"
+NO_GPU = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}  # the smoke mode, even where a GPU is
+
+
+def accelerator_check(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ACCELERATOR_CHECK), str(out)], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, **NO_GPU, **env})
+
+
+@pytest.fixture(scope="session")
+def accelerator_smoke(tmp_path_factory, mnist_dir) -> tuple[subprocess.CompletedProcess, Path]:
+    """scripts/accelerator_check.sh in smoke mode, run once: its result and OUT_DIR. Its own test
+    and the benchmark's read it (its benchmark stage is `benchmark.py --quick`)."""
+    out = tmp_path_factory.mktemp("accelerator_check") / "check"
+    return accelerator_check(out, MNIST_DIR=str(mnist_dir)), out
 
 
 # Opt-in markers and their options: full training runs (minutes), and the TFDS test (needs

@@ -1,4 +1,4 @@
-"""JAX and PyTorch agree: structure, forward, loss, gradients, one update, 200-step trajectory.
+"""JAX and PyTorch agree: structure, forward, loss, gradients, one update, a training trajectory.
 Every check runs for every design, on real MNIST; tolerances are explained in parity.py."""
 
 from __future__ import annotations
@@ -105,14 +105,20 @@ def test_one_optimizer_step_agrees(setup):
     assert r["update_max_abs_diff_near_eps"] < r["update_max_abs_step"]  # and still bounded by Adam's step size
 
 
-def test_trajectory_of_200_steps_agrees_in_float64(setup):
+# The suite follows the first half of the report's trajectory (CI time: float64 steps are slow
+# on a CPU); scripts/parity_report.py runs all TRAJECTORY_STEPS.
+SUITE_TRAJECTORY_STEPS = P.TRAJECTORY_STEPS // 2
+
+
+def test_trajectory_of_training_steps_agrees_in_float64(setup):
     cfg, train, _, params, (batches, shifts) = setup
     with P.float64():
         pair = P.Pair(cfg, train, params, P.TRAJECTORY_STEPS)
-        r = P.trajectory(pair, batches, shifts)
+        k = SUITE_TRAJECTORY_STEPS
+        r = P.trajectory(pair, batches[:k], None if shifts is None else shifts[:k])
         assert pair.jax_params()["fc"]["kernel"].dtype == np.float64
         assert next(pair.torch.model.parameters()).dtype == torch.float64
-    print(f"{cfg.design}: max relative loss difference over 200 steps {r['trajectory_max_rel_loss_diff']:.2e}")
+    print(f"{cfg.design}: max relative loss difference over {k} steps {r['trajectory_max_rel_loss_diff']:.2e}")
     assert r["trajectory_max_rel_loss_diff"] <= TOL["trajectory_max_rel_loss_diff"]
     assert r["trajectory_final_loss"] < r["trajectory_first_loss"]  # it trained: not two idle copies
 

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py: --quick runs end to end and writes every figure (no timing is asserted);
+"""scripts/benchmark.py: --quick runs end to end (in the accelerator check's smoke mode) and writes
+every figure (no timing is asserted);
 the accelerator suite's paths and its time-to-accuracy mechanics, run on the CPU with a small
 network (the same code a GPU run takes)."""
 
@@ -6,9 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,12 +33,10 @@ def _load_benchmark():
 B = _load_benchmark()
 
 
-def test_quick_benchmark_writes_all_figures(tmp_path, mnist_dir):
-    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--batch-sizes", "16",
-                             "--json", str(out_json), "--markdown", str(out_md)],
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "MNIST_DIR": str(mnist_dir)})
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_quick_benchmark_writes_all_figures(accelerator_smoke):
+    """The accelerator check's smoke mode runs `benchmark.py --quick --batch-sizes 16` (conftest.py)."""
+    _, out = accelerator_smoke
+    out_json, out_md = out / "benchmark.json", out / "benchmark.md"
     report = json.loads(out_json.read_text())
     assert report["suite"] == "cpu" and report["machine"]["cores"] >= 1
     assert report["machine"]["jax_device"] and report["machine"]["torch_device"] == "cpu"
