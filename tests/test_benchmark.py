@@ -1,14 +1,11 @@
-"""scripts/benchmark.py: --quick runs end to end (in the accelerator check's smoke mode) and writes
-every figure (no timing is asserted);
-the accelerator suite's paths and its time-to-accuracy mechanics, run on the CPU with a small
-network (the same code a GPU run takes)."""
+"""scripts/benchmark.py: --quick runs end to end (in the accelerator check's smoke mode) and
+writes every figure (no timing is asserted); the accelerator suite's paths and its
+time-to-accuracy mechanics, run on the CPU with a small network (the same code a GPU run takes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,20 +14,9 @@ import pytest
 from common import data as D
 from common.config import Config
 from common.loop import epoch_plan
+from scripts import benchmark as B
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "benchmark.py"
 SMALL = replace(Config(), conv1=4, conv2=8, hidden=16, steps_per_call=4, device="cpu")
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-B = _load_benchmark()
 
 
 def test_quick_benchmark_writes_all_figures(accelerator_smoke):

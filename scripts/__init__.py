@@ -1,0 +1,1 @@
+"""Command-line entry points; `benchmark` is imported by its tests as a module."""
