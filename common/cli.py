@@ -31,6 +31,12 @@ def os_error_line(e: OSError, path: object = None) -> str:
     return (f"{where}: " if where is not None else "") + cause + (f" ({name})" if name else "")
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's can run to pages), for a one-line error."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else "no details"
+
+
 def run_main(main: Callable[[], object]) -> None:
     try:
         main()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.cli import UserError
+from common.cli import UserError, first_line
 
 MAX_PIXELS = 50_000_000  # refused before decoding: 50 megapixels decode to ~200 MB of RGBA
 BOX = 20  # the longer side of the ink, as in MNIST
@@ -75,11 +75,6 @@ def check_size(size: tuple[int, int], name: str | Path = "image") -> None:
                         f"the limit is {MAX_PIXELS // 1_000_000})")
     if width <= 0 or height <= 0:
         raise UserError(f"{name}: image has no pixels ({width}x{height})")
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else "no details"
 
 
 def to_gray(image: Image.Image) -> np.ndarray:

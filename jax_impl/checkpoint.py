@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from common.images import first_line
+from common.cli import first_line
 from common.integrity import CheckpointError, has_manifest, require_same_shapes, verify_manifest, write_manifest
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp..., then renames it

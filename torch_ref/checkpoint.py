@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.images import first_line
+from common.cli import first_line
 from common.integrity import CheckpointError, require_same_shapes, sha256_bytes, write_atomically
 
 FILE = "checkpoint.pt"
