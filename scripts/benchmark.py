@@ -476,9 +476,10 @@ def time_to_accuracy(runs: list[dict], max_epochs: int | None, quick: bool) -> l
         train, test = load_splits(run["cfg"])
         cfg = run["cfg"] = path_config(run["framework"], run["variant"], run["cfg"].batch_size, run["cfg"], len(train))
         run.update(train=train, test=test, train_s=0.0, epochs=[], reached=None,
-                   chunk=cfg.steps_per_call, total_epochs=min(max_epochs or cfg.epochs, cfg.epochs))
+                   total_epochs=min(max_epochs or cfg.epochs, cfg.epochs))
         run["trainer"] = trainer = make_trainer(run["framework"], run["variant"], cfg, train,
                                                 steps_per_epoch(cfg, len(train)) * cfg.epochs)
+        run["chunk"] = trainer.steps_per_call
         batches, shifts = plan(run, 1)
         start, saved = time.perf_counter(), snapshot(run["framework"], trainer)
         for size in sorted({min(run["chunk"], len(batches) - i) for i in range(0, len(batches), run["chunk"])}):
