@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from common.cli import UserError, first_line
 
-MAX_PIXELS = 50_000_000  # refused before decoding: 50 megapixels decode to ~200 MB of RGBA
+MAX_PIXELS = 50_000_000  # refused before decoding: each pixel decodes to four bytes of RGBA
 BOX = 20  # the longer side of the ink, as in MNIST
 SIZE = 28
 MAX_SIDE = 2048  # larger images are shrunk first (in Pillow, as uint8): the digit ends up 20 px anyway
