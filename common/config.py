@@ -62,6 +62,10 @@ class Config:
                         low=0, high=MAX_SEED)
     shift: int = setting(2, "recipe", "random translation of each training image by up to this many pixels (0: none)",
                          low=0, high=8)
+    rotate: float = setting(0.0, "recipe", "random rotation of each training image by up to this many degrees "
+                            "(bilinear, on the device; 0: none)", low=0.0, high=45.0)
+    scale: float = setting(0.0, "recipe", "random scaling of each training image by a factor in 1 +- SCALE (0: none)",
+                           low=0.0, high=0.5)
     label_smoothing: float = setting(0.0, "recipe", "label smoothing of both cross-entropies, in [0, 1)", low=0.0, high=1.0)
     sum_weight: float = setting(1.0, "recipe", "loss = CE(digit) + SUM_WEIGHT * CE(sum)", low=0.0, high=100.0)
     holdout_pairs: int = setting(0, "recipe", "keep this many (digit, r) pairs out of training, to test unseen "

@@ -287,3 +287,12 @@ def epoch_shifts(steps: int, batch_size: int, max_shift: int, seed: int, epoch: 
     Drawn here, not inside a framework, so JAX and PyTorch shift every image alike."""
     rng = np.random.default_rng([seed, epoch, 1])
     return rng.integers(0, 2 * max_shift + 1, size=(steps, batch_size, 2), dtype=np.int32)
+
+
+def epoch_warps(steps: int, batch_size: int, max_degrees: float, max_scale: float, seed: int, epoch: int) -> np.ndarray:
+    """Per-example rotation (radians, up to max_degrees either way) and scale factor (1 +- max_scale),
+    shape (steps, batch_size, 2), float32. Drawn here for the same reason as the crop offsets."""
+    rng = np.random.default_rng([seed, epoch, 2])
+    angles = np.deg2rad(max_degrees) * rng.uniform(-1, 1, size=(steps, batch_size))
+    scales = 1 + max_scale * rng.uniform(-1, 1, size=(steps, batch_size))
+    return np.stack([angles, scales], axis=-1).astype(np.float32)

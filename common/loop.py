@@ -131,9 +131,16 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
 
 
 def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The batches of one epoch and, with augmentation, every image's crop offset."""
+    """The batches of one epoch and, with augmentation, each image's: its crop offset (steps, b, 2)
+    int32, or with --rotate or --scale its crop offset, angle and scale (steps, b, 4) float32."""
     batches = D.epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch)[: steps_per_epoch(cfg, n_train)]
-    shifts = D.epoch_shifts(len(batches), cfg.batch_size, cfg.shift, cfg.seed, epoch) if cfg.shift else None
+    warped = cfg.rotate > 0 or cfg.scale > 0
+    if not (cfg.shift or warped):
+        return batches, None
+    shifts = D.epoch_shifts(len(batches), cfg.batch_size, cfg.shift, cfg.seed, epoch)
+    if warped:
+        warps = D.epoch_warps(len(batches), cfg.batch_size, cfg.rotate, cfg.scale, cfg.seed, epoch)
+        shifts = np.concatenate([shifts.astype(np.float32), warps], axis=-1)
     return batches, shifts
 
 

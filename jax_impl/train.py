@@ -62,6 +62,28 @@ def translate(images_u8: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Ar
     return jax.vmap(lambda im, s: jax.lax.dynamic_slice(im, (s[0], s[1]), (28, 28)))(padded, shifts)
 
 
+def warp(images_u8: jax.Array, params: jax.Array, max_shift: int) -> jax.Array:
+    """Moves, rotates and scales each image about its centre: params (n, 4) are the crop offset of
+    `translate`, an angle in radians and a scale factor. Bilinear sampling, zero outside the image;
+    returns unnormalised float pixels (n, 28, 28)."""
+    grid = jnp.arange(28, dtype=float) - 13.5
+    rows, cols = jnp.meshgrid(grid, grid, indexing="ij")
+
+    def one(image, p):
+        # Each output pixel reads the input where the inverse map sends it.
+        cos, sin = jnp.cos(p[2]) / p[3], jnp.sin(p[2]) / p[3]
+        src_rows = cos * rows - sin * cols + 13.5 + p[0] - max_shift
+        src_cols = sin * rows + cos * cols + 13.5 + p[1] - max_shift
+        return jax.scipy.ndimage.map_coordinates(image, [src_rows, src_cols], order=1, mode="constant")
+
+    return jax.vmap(one)(images_u8.astype(float), params.astype(float))
+
+
+def augment(images_u8: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
+    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
+    return translate(images_u8, shifts, max_shift) if shifts.shape[-1] == 2 else warp(images_u8, shifts, max_shift)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
     one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
     return optax.softmax_cross_entropy(logits, optax.smooth_labels(one_hot, smoothing) if smoothing else one_hot)
@@ -136,7 +158,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     def one_step(state: State, dataset: dict, idx: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
         images = dataset["images"][idx]
         if shifts is not None:
-            images = translate(images, shifts, cfg.shift)
+            images = augment(images, shifts, cfg.shift)
         images = preprocess(images)
         numbers, labels = dataset["numbers"][idx], dataset["labels"][idx]
         # Keep the activations split by example (XLA would infer it; this pins it).

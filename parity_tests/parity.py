@@ -53,6 +53,12 @@ TOLERANCES = {
     "grad_max_rel_diff_float64": 1e-12,  # float64 rounding over sums of up to ~1e5 terms; 6e-15 measured
     "update_max_abs_diff": 1e-6,
     "trajectory_max_rel_loss_diff": 1e-9,
+    # Warped images, in pixel units (0-255). float64: PyTorch's grid_sample takes coordinates
+    # scaled to -1..1 and scales them back, ~1e-15 relative at coordinates up to ~40, times a
+    # pixel step of up to 255 per pixel: ~1e-11 at most (9e-13 seen). float32: the same with
+    # float32's 1.2e-7 and the angle's cosine and sine rounded on each side (6e-4 seen).
+    "warp_max_abs_diff_float64": 1e-10,
+    "warp_max_abs_diff": 1e-2,
     "prediction_agreement": 1.0,  # a minimum: every test prediction the same
 }
 PRETRAIN_STEPS = 300  # enough real training that logits are large (|logit| ~ 10-20)
@@ -117,6 +123,13 @@ def trajectory_plan(cfg: Config, n_train: int) -> tuple[np.ndarray, np.ndarray |
     """The first TRAJECTORY_STEPS batches (and crop offsets) of the real recipe's first epoch."""
     batches, shifts = epoch_plan(cfg, n_train, 1)
     return batches[:TRAJECTORY_STEPS], None if shifts is None else shifts[:TRAJECTORY_STEPS]
+
+
+def warps(cfg: Config, images_u8: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The warped images (--rotate, --scale) of each framework, in pixel units."""
+    j = jtrain.warp(jnp.asarray(images_u8), jnp.asarray(shifts), cfg.shift)
+    t = ttrain.warp(torch.from_numpy(images_u8), torch.from_numpy(shifts), cfg.shift)
+    return np.asarray(j), t.numpy()
 
 
 def max_rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -230,7 +243,7 @@ def one_update(pair: Pair, idx: np.ndarray, shifts: np.ndarray | None) -> dict:
     below 1%) or exactly 0 (no step at all), over 90% of all; the rest are reported beside it.
     """
     images = train_images = pair.jax.dataset["images"]
-    images = np.asarray(train_images[idx] if shifts is None else jtrain.translate(train_images[idx], jnp.asarray(shifts), pair.cfg.shift))
+    images = np.asarray(train_images[idx] if shifts is None else jtrain.augment(train_images[idx], jnp.asarray(shifts), pair.cfg.shift))
     _, grads = _jax_loss_and_grads(pair.cfg, pair.jax_params(), images, np.asarray(pair.jax.dataset["numbers"][idx]),
                                    np.asarray(pair.jax.dataset["labels"][idx]))
     before = pair.jax_params()

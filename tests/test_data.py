@@ -116,6 +116,24 @@ def test_numbers_are_seeded_and_the_test_set_is_fixed(mnist_arrays):
     assert test_a.sums.min() == 0 and test_a.sums.max() == 18
 
 
+def test_rotation_and_scaling_are_seeded_within_their_ranges_and_keep_the_crop_offsets():
+    from common.config import Config
+    from common.loop import epoch_plan
+
+    cfg = Config(rotate=15.0, scale=0.1, shift=2, seed=3)
+    batches, aug = epoch_plan(cfg, 1000, epoch=1)
+    assert aug.shape == (*batches.shape, 4) and aug.dtype == np.float32
+    # the crop offsets are those of translation alone: --rotate and --scale add to it, not redraw it
+    np.testing.assert_array_equal(aug[..., :2], D.epoch_shifts(*batches.shape, 2, seed=3, epoch=1))
+    angles, scales = np.rad2deg(aug[..., 2]), aug[..., 3]
+    assert -15 <= angles.min() < -14 and 14 < angles.max() <= 15
+    assert 0.9 <= scales.min() < 0.91 and 1.09 < scales.max() <= 1.1
+    np.testing.assert_array_equal(aug, epoch_plan(cfg, 1000, epoch=1)[1])
+    assert not np.array_equal(aug, epoch_plan(cfg, 1000, epoch=2)[1])
+    assert epoch_plan(Config(shift=2), 1000, epoch=1)[1].shape[-1] == 2  # translation alone: integer offsets
+    assert epoch_plan(Config(shift=0), 1000, epoch=1)[1] is None
+
+
 def test_epoch_batches_are_a_seeded_permutation():
     a = D.epoch_batches(1000, 64, seed=3, epoch=1)
     assert a.shape == (15, 64)

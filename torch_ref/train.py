@@ -51,6 +51,25 @@ def translate(images_u8: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> 
     return padded[torch.arange(len(shifts), device=images_u8.device)[:, None, None], rows, cols]
 
 
+def warp(images_u8: torch.Tensor, params: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """jax_impl/train.py's `warp`: the same inverse map, sampled by grid_sample (bilinear, zeros
+    outside, align_corners=True so coordinate -1..1 spans pixel centres 0..27)."""
+    p = params.to(torch.get_default_dtype())
+    grid = torch.arange(28, dtype=p.dtype, device=p.device) - 13.5
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    cos, sin = (torch.cos(p[:, 2]) / p[:, 3])[:, None, None], (torch.sin(p[:, 2]) / p[:, 3])[:, None, None]
+    src_rows = cos * rows - sin * cols + 13.5 + p[:, 0, None, None] - max_shift
+    src_cols = sin * rows + cos * cols + 13.5 + p[:, 1, None, None] - max_shift
+    xy = torch.stack([src_cols, src_rows], dim=-1) / 13.5 - 1  # grid_sample wants (x, y) in -1..1
+    images = images_u8.to(p.dtype).unsqueeze(1)
+    return F.grid_sample(images, xy, mode="bilinear", padding_mode="zeros", align_corners=True).squeeze(1)
+
+
+def augment(images_u8: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
+    return translate(images_u8, shifts, max_shift) if shifts.shape[-1] == 2 else warp(images_u8, shifts, max_shift)
+
+
 def loss_fn(model: SumNet, images: torch.Tensor, numbers: torch.Tensor, labels: torch.Tensor,
             smoothing: float = 0.0, sum_weight: float = 1.0) -> torch.Tensor:
     """Mean over the batch of CE(digit) + sum_weight * CE(sum)."""
@@ -111,13 +130,15 @@ class TorchTrainer:
         """The uint8 images (b, 28, 28) of one batch as the step sees them: indices (b,) and crop
         offsets (b, 2) on the device, gathered and cropped there."""
         images = self.images[idx]
-        return images if shifts is None else translate(images, shifts, self.cfg.shift)
+        return images if shifts is None else augment(images, shifts, self.cfg.shift)
 
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
         # One copy of the chunk's indices and offsets to the device and one read of its losses, as
         # JAX's compiled call: nothing inside a chunk waits for the device.
         idx = torch.from_numpy(batch_indices).to(self.device, torch.long)
-        offsets = None if shifts is None else torch.from_numpy(shifts).to(self.device, torch.long)
+        offsets = None if shifts is None else torch.from_numpy(shifts).to(self.device)
+        if offsets is not None and offsets.shape[-1] == 2:
+            offsets = offsets.long()
         losses = []
         self.model.train()
         for k in range(len(idx)):
