@@ -53,13 +53,15 @@ TOLERANCES = {
     "grad_max_rel_diff_float64": 1e-12,  # float64 rounding over sums of up to ~1e5 terms; 6e-15 measured
     "update_max_abs_diff": 1e-6,
     "trajectory_max_rel_loss_diff": 1e-9,
+    "prediction_agreement": 1.0,  # a minimum: every test prediction the same
+}
+WARP_TOLERANCES = {
     # Warped images, in pixel units (0-255). float64: PyTorch's grid_sample takes coordinates
     # scaled to -1..1 and scales them back, ~1e-15 relative at coordinates up to ~40, times a
     # pixel step of up to 255 per pixel: ~1e-11 at most (9e-13 seen). float32: the same with
     # float32's 1.2e-7 and the angle's cosine and sine rounded on each side (6e-4 seen).
     "warp_max_abs_diff_float64": 1e-10,
     "warp_max_abs_diff": 1e-2,
-    "prediction_agreement": 1.0,  # a minimum: every test prediction the same
 }
 PRETRAIN_STEPS = 300  # enough real training that logits are large (|logit| ~ 10-20)
 TRAJECTORY_STEPS = 200
@@ -130,6 +132,18 @@ def warps(cfg: Config, images_u8: np.ndarray, shifts: np.ndarray) -> tuple[np.nd
     j = jtrain.warp(jnp.asarray(images_u8), jnp.asarray(shifts), cfg.shift)
     t = ttrain.warp(torch.from_numpy(images_u8), torch.from_numpy(shifts), cfg.shift)
     return np.asarray(j), t.numpy()
+
+
+def warp_report(train: D.Split) -> dict:
+    """The rotation and scaling of one batch (the digit design's parity recipe), both frameworks,
+    float32 and float64; the same for every design, so measured once."""
+    cfg = config_for("digit")
+    idx, aug = (a[0] for a in trajectory_plan(cfg, len(train)))
+    j, t = warps(cfg, train.images[idx], aug)
+    with float64():
+        j64, t64 = warps(cfg, train.images[idx], aug)
+    assert j64.dtype == t64.dtype == np.float64
+    return {"warp_max_abs_diff": float(np.abs(j - t).max()), "warp_max_abs_diff_float64": float(np.abs(j64 - t64).max())}
 
 
 def max_rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -329,5 +343,10 @@ def failures(report: dict) -> list[str]:
     return bad
 
 
+# Every design is checked with the default translation (--shift 2); the digit design, the best
+# recipe's, with rotation and scaling on top, so each augmentation path is in every check.
+AUGMENTATION = {"digit": {"rotate": 15.0, "scale": 0.15}}
+
+
 def config_for(design: str, **overrides) -> Config:
-    return replace(Config(), design=design, **overrides)
+    return replace(Config(), design=design, **{**AUGMENTATION.get(design, {}), **overrides})

@@ -39,13 +39,18 @@ def main() -> None:
     for key, tol in P.TOLERANCES.items():
         sign = ">=" if key == "prediction_agreement" else "<="
         print(f"{key:32s} {sign}{tol:8.0e} " + " ".join(f"{reports[d][key]:12.3e}" for d in DESIGNS))
+    warp = P.warp_report(train)
+    for key, tol in P.WARP_TOLERANCES.items():
+        print(f"{key:32s} <={tol:8.0e} {warp[key]:12.3e}  (rotation and scaling, pixel units; every design)")
     failed = {d: P.failures(r) for d, r in reports.items()}
+    failed["warp"] = [f"{k} = {warp[k]:.3g} > {tol:g}" for k, tol in P.WARP_TOLERANCES.items() if warp[k] > tol]
     # The top-level keys hold the worst case over designs, so one number answers "does it pass?".
     worst = {k: (min if k == "prediction_agreement" else max)(r[k] for r in reports.values()) for k in P.TOLERANCES}
     if args.json:
         devices = {"jax": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
                    "torch": ttrain.environment(torch_device)["device_name"]}
-        Path(args.json).write_text(json.dumps({**worst, "tolerances": P.TOLERANCES, "devices": devices, "per_design": reports,
+        Path(args.json).write_text(json.dumps({**worst, **warp, "tolerances": {**P.TOLERANCES, **P.WARP_TOLERANCES},
+                                               "devices": devices, "per_design": reports,
                                                "failures": failed}, indent=2, default=str) + "\n")
     bad = [f"{d}: {f}" for d, fs in failed.items() for f in fs]
     print("PASS: every figure within tolerance" if not bad else "FAIL: " + "; ".join(bad))
