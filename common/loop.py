@@ -25,8 +25,9 @@ class Trainer(Protocol):
     steps_per_call: int  # rows of indices the loop hands `train_steps` at once (the last call may get fewer)
 
     def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None) -> np.ndarray:
-        """Runs one step per row of indices into the training split, translating each image
-        by its crop offset in `shifts` (None: no augmentation); returns the losses."""
+        """Runs one step per row of indices into the training split, each image moved (and with
+        --rotate/--scale warped) as `shifts` says (`epoch_plan`; None: no augmentation); returns
+        the losses."""
 
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(digit logits, sum logits) for uint8 images and their numbers."""

@@ -245,7 +245,7 @@ class JaxTrainer:
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
 
     def place_batch(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> tuple[jax.Array, jax.Array | None]:
-        """Indices (k, b) and offsets (k, b, 2) as the step takes them: split along b over the
+        """Indices (k, b) and augmentation (k, b, 2 or 4) as the step takes them: split along b over the
         mesh (each process sends its slice)."""
         return distributed.shard(batch_indices, self.mesh), None if shifts is None else distributed.shard(shifts, self.mesh)
 

@@ -127,8 +127,9 @@ class TorchTrainer:
         self._forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode, dynamic=False)
 
     def batch_images(self, idx: torch.Tensor, shifts: torch.Tensor | None) -> torch.Tensor:
-        """The uint8 images (b, 28, 28) of one batch as the step sees them: indices (b,) and crop
-        offsets (b, 2) on the device, gathered and cropped there."""
+        """The images (b, 28, 28) of one batch as the step sees them (uint8; float pixels when
+        warped): indices (b,) and crop
+        offsets (b, 2) or warps (b, 4) on the device, gathered and augmented there."""
         images = self.images[idx]
         return images if shifts is None else augment(images, shifts, self.cfg.shift)
 
