@@ -128,8 +128,8 @@ class TorchTrainer:
 
     def batch_images(self, idx: torch.Tensor, shifts: torch.Tensor | None) -> torch.Tensor:
         """The images (b, 28, 28) of one batch as the step sees them (uint8; float pixels when
-        warped): indices (b,) and crop
-        offsets (b, 2) or warps (b, 4) on the device, gathered and augmented there."""
+        warped): indices (b,) and crop offsets (b, 2) or warps (b, 4) on the device, gathered
+        and augmented there."""
         images = self.images[idx]
         return images if shifts is None else augment(images, shifts, self.cfg.shift)
 
