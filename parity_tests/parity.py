@@ -59,7 +59,7 @@ WARP_TOLERANCES = {
     # Warped images, in pixel units (0-255). float64: PyTorch's grid_sample takes coordinates
     # scaled to -1..1 and scales them back, ~1e-15 relative at coordinates up to ~40, times a
     # pixel step of up to 255 per pixel: ~1e-11 at most (9e-13 seen). float32: the same with
-    # float32's 1.2e-7 and the angle's cosine and sine rounded on each side (6e-4 seen).
+    # float32's 1.2e-7 and the angle's cosine and sine rounded on each side (8e-4 seen).
     "warp_max_abs_diff_float64": 1e-10,
     "warp_max_abs_diff": 1e-2,
 }
