@@ -137,9 +137,7 @@ class TorchTrainer:
         # One copy of the chunk's indices and offsets to the device and one read of its losses, as
         # JAX's compiled call: nothing inside a chunk waits for the device.
         idx = torch.from_numpy(batch_indices).to(self.device, torch.long)
-        offsets = None if shifts is None else torch.from_numpy(shifts).to(self.device)
-        if offsets is not None and offsets.shape[-1] == 2:
-            offsets = offsets.long()
+        offsets = None if shifts is None else torch.from_numpy(shifts).to(self.device)  # int32 crops index as they are
         losses = []
         self.model.train()
         for k in range(len(idx)):
