@@ -25,6 +25,9 @@ from common.cli import first_line
 from common.integrity import CheckpointError, has_manifest, require_same_shapes, verify_manifest, write_manifest
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp..., then renames it
+# The layout of a step folder, saved in its metadata ("format"; none: 0, the versions before,
+# which had the same layout). A newer one is refused on resume, whose saves would mix layouts.
+FORMAT = 1
 
 
 def manager(directory: Path, keep: int = 3) -> ocp.CheckpointManager:
@@ -53,7 +56,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
     try:
         with orbax_quiet():
             saved = mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
+                                                            meta=ocp.args.JsonSave({**meta, "format": FORMAT})))
             mngr.wait_until_finished()
         if not saved:  # Orbax skips a step it thinks it should not save; never silently
             raise CheckpointError(f"{mngr.directory}: Orbax declined to save step {step}")
@@ -87,7 +90,12 @@ def restore(mngr: ocp.CheckpointManager, like: Any) -> tuple[Any, dict] | None:
                                                                   meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - checksums passed: a layout this code does not know
         raise CheckpointError(f"{folder}: cannot restore the checkpoint ({type(e).__name__}: {first_line(e)})") from None
-    return restored["state"], restored["meta"]
+    meta = dict(restored["meta"])
+    if meta.get("format", 0) not in (0, FORMAT):
+        raise CheckpointError(f"{folder}: checkpoint format {meta['format']!r}, this version reads {FORMAT} (written "
+                              "by a newer version? resume it with that one)")
+    meta.pop("format", None)
+    return restored["state"], meta
 
 
 def load_params(directory: Path, like: Any) -> tuple[Any, int]:

@@ -136,6 +136,23 @@ def test_jax_a_save_killed_before_its_checksums_is_not_used(tmp_path):
     assert jax_checkpoint.restore(mngr, jax_state(2)) is None and mngr.all_steps() == []
 
 
+def test_jax_a_checkpoint_says_its_format_and_a_newer_one_is_refused_on_resume(tmp_path, monkeypatch):
+    """The format rides in the step's metadata beside the position; resume hands back the position
+    alone. A newer format is refused where resuming would add this version's saves beside it;
+    prediction still reads it (the parameters' names and shapes are checked either way)."""
+    mngr = jax_checkpoint.manager(tmp_path / "checkpoints")
+    jax_checkpoint.save(mngr, 7, jax_state(0), POSITION)
+    restored = jax_checkpoint.manager(tmp_path / "checkpoints").restore(7)
+    assert restored["meta"]["format"] == jax_checkpoint.FORMAT == 1
+    assert jax_checkpoint.restore(jax_checkpoint.manager(tmp_path / "checkpoints"), jax_state(1))[1] == POSITION
+    monkeypatch.setattr(jax_checkpoint, "FORMAT", 2)  # as a newer version would save
+    jax_checkpoint.save(mngr, 8, jax_state(0), POSITION)
+    monkeypatch.setattr(jax_checkpoint, "FORMAT", 1)
+    with pytest.raises(CheckpointError, match="8: checkpoint format 2, this version reads 1"):
+        jax_checkpoint.restore(jax_checkpoint.manager(tmp_path / "checkpoints"), jax_state(1))
+    assert jax_checkpoint.load_params(tmp_path / "checkpoints", param_shapes())[1] == 8
+
+
 def test_jax_a_lower_step_is_refused_and_the_same_step_replaced(tmp_path):
     mngr = jax_checkpoint.manager(tmp_path / "checkpoints")
     jax_checkpoint.save(mngr, 10, jax_state(0), POSITION)
@@ -244,6 +261,18 @@ def test_torch_a_damaged_checkpoint_is_refused_on_resume_and_on_predict(damage, 
         torch_checkpoint.restore(path, *torch_training(1))
     with pytest.raises(CheckpointError, match=f"^{path}: corrupted checkpoint"):
         torch_checkpoint.load_params(path, SumNet(SMALL))
+
+
+def test_torch_a_checkpoint_says_its_format_and_a_newer_one_is_refused_on_resume(tmp_path, monkeypatch):
+    path = tmp_path / torch_checkpoint.FILE
+    torch_checkpoint.save(path, 7, POSITION, *torch_training(0))
+    assert torch_checkpoint.load(path)["format"] == torch_checkpoint.FORMAT == 1
+    monkeypatch.setattr(torch_checkpoint, "FORMAT", 2)  # as a newer version would save
+    torch_checkpoint.save(path, 8, POSITION, *torch_training(0))
+    monkeypatch.setattr(torch_checkpoint, "FORMAT", 1)
+    with pytest.raises(CheckpointError, match=f"^{path}: checkpoint format 2, this version reads 1"):
+        torch_checkpoint.restore(path, *torch_training(1))
+    assert torch_checkpoint.load_params(path, SumNet(SMALL)) == 8  # prediction checks names and shapes instead
 
 
 def test_torch_a_lower_step_is_refused_and_the_same_step_replaced(tmp_path):

@@ -20,6 +20,9 @@ from common.cli import first_line
 from common.integrity import CheckpointError, require_same_shapes, sha256_bytes, write_atomically
 
 FILE = "checkpoint.pt"
+# The layout of what torch.save writes, saved in it ("format"; none: 0, the versions before,
+# which had the same layout). A newer one is refused on resume, whose saves would mix layouts.
+FORMAT = 1
 HEADER = re.compile(rb"mnist-sum checkpoint step=(\d+) sha256=([0-9a-f]{64})")
 
 
@@ -33,8 +36,8 @@ def save(path: Path, step: int, position: dict, model: torch.nn.Module, opt: tor
         raise CheckpointError(f"{path}: holds step {existing}, later than step {step} being saved "
                               "(the checkpoint of another run?)")
     buffer = io.BytesIO()
-    torch.save({"step": step, "position": position, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict()}, buffer)
+    torch.save({"format": FORMAT, "step": step, "position": position, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buffer)
     payload = buffer.getvalue()
     write_atomically(path, [b"mnist-sum checkpoint step=%d sha256=%s\n" % (step, sha256_bytes(payload).encode()), payload])
 
@@ -46,6 +49,9 @@ def restore(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
     if not path.exists():
         return None
     saved = load(path)
+    if saved.get("format", 0) not in (0, FORMAT):
+        raise CheckpointError(f"{path}: checkpoint format {saved['format']!r}, this version reads {FORMAT} (written "
+                              "by a newer version? resume it with that one)")
     try:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
