@@ -221,14 +221,116 @@ def _parse(argv: list[str] | None, description: str) -> tuple[Config, dict]:
     raise AssertionError  # unreachable: error() exits
 
 
-def saved_config(run_dir: Path) -> Config:
-    """The settings a run was started with (its config.json)."""
+# The layout of a run's config.json (its "format"; docs/runs.md, "Run files from other versions").
+# 1: "format" itself, and every Config field. 0 (no "format"): the versions before, each of
+# which wrote the fields its Config had.
+CONFIG_FORMAT = 1
+# The fields a config.json of format <= F may lack, because the versions that wrote it did not
+# have them yet, each with the value those versions trained and ran with: (F, value). Any other
+# field missing is an error naming it (no version left out a field it had). A field added later
+# goes here with the format before its own, and CONFIG_FORMAT goes up by one.
+ADDED_LATER: dict[str, tuple[int, object]] = {
+    "preset": (0, "default"),  # before named recipes; the recipe's values are all in the file
+    "holdout_pairs": (0, 0),  # no pairs held out
+    "precision": (0, "fp32"),
+    "devices": (0, 1),  # JAX trained on one device
+    "coordinator": (0, None),  # one process
+    "num_processes": (0, 1),
+    "process_id": (0, 0),
+    "resume": (0, None),
+    "data_source": (0, "idx"),  # the IDX files were the only source
+    "tfds_data_dir": (0, None),
+    "overwrite": (0, False),
+    "compile_cache": (0, False),  # no persistent compilation cache yet
+    "device": (0, "cpu"),  # PyTorch trained on the CPU
+    "rotate": (0, 0.0),  # no rotation or scaling
+    "scale": (0, 0.0),
+}
+
+
+@dataclass
+class SavedRun:
+    """A run's config.json, read by `read_saved_run`."""
+
+    path: Path  # the config.json
+    config: Config
+    framework: str  # "jax" or "torch", as its environment says
+    format: int
+    unknown: list[str]  # settings this version does not know (a newer one wrote them)
+
+    def news(self) -> str | None:
+        """What in the file this version cannot read, in words; None when it reads it all."""
+        parts = []
+        if self.format > CONFIG_FORMAT:
+            parts.append(f"was written by a newer version (config format {self.format}; this one reads {CONFIG_FORMAT})")
+        if self.unknown:
+            parts.append(f"holds settings this version does not know ({', '.join(self.unknown)})")
+        return f"{self.path} {' and '.join(parts)}" if parts else None
+
+    def warning(self) -> str | None:
+        """The line a reader that goes on without them prints, or None."""
+        news = self.news()
+        if news is None:
+            return None
+        return f"warning: {news}; " + ("ignoring them" if self.unknown else f"reading it as format {CONFIG_FORMAT}")
+
+
+def read_saved_run(run_dir: Path) -> SavedRun:
+    """RUN_DIR/config.json as a Config, by the rules of its format (ADDED_LATER); every problem is
+    a one-line ConfigError naming the file."""
+    path = Path(run_dir) / "config.json"
     try:
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
-        known = {f.name for f in fields(Config)}
-        return Config(**{k: v for k, v in saved.items() if k in known}).validate()
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-        raise ConfigError(f"--resume {run_dir}: not a run folder with a valid config.json ({e})") from None
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing (is {run_dir} a training run's folder?)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise ConfigError(f"{path}: not a run's config.json (not JSON: {e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a run's config.json (not a JSON object)")
+    for key in ("config", "environment"):
+        if not isinstance(saved.get(key), dict):
+            raise ConfigError(f"{path}: not a run's config.json (no {key!r} object in it)")
+    framework, version = saved["environment"].get("framework"), saved.get("format", 0)
+    if not isinstance(framework, str):
+        raise ConfigError(f"{path}: not a run's config.json (no 'framework' in its environment)")
+    if type(version) is not int or version < 0:
+        raise ConfigError(f"{path}: \"format\" must be a whole number, got {version!r}")
+    values, unknown = settings_of_format(saved["config"], version, path)
+    try:
+        config = Config(**values).validate()
+    except (TypeError, ConfigError) as e:
+        raise ConfigError(f"{path}: invalid config ({e})") from None
+    return SavedRun(path, config, framework, version, unknown)
+
+
+def settings_of_format(values: dict, version: int, path: Path) -> tuple[dict, list[str]]:
+    """(the Config fields of a saved config, missing ones filled by ADDED_LATER, and the names
+    this version does not know)."""
+    known = [f.name for f in fields(Config)]
+    filled = {name: ADDED_LATER[name][1] for name in known
+              if name not in values and name in ADDED_LATER and version <= ADDED_LATER[name][0]}
+    missing = [name for name in known if name not in values and name not in filled]
+    if missing:
+        raise ConfigError(f"{path}: no {', '.join(missing)} in it (a config.json of format {version} holds "
+                          f"{'them' if len(missing) > 1 else 'it'}; a damaged or edited file?)")
+    unknown = sorted(set(values) - set(known))
+    return {**filled, **{name: values[name] for name in known if name in values}}, unknown
+
+
+def saved_config(run_dir: Path) -> Config:
+    """The settings a run was started with (its config.json). One written by a newer version, or
+    holding settings this version does not know, is refused: resuming would train without them
+    and rewrite config.json without them."""
+    try:
+        saved = read_saved_run(run_dir)
+    except ConfigError as e:
+        raise ConfigError(f"--resume {run_dir}: {e}") from None
+    if saved.format > CONFIG_FORMAT or saved.unknown:
+        raise ConfigError(f"--resume {run_dir}: {saved.news()}; resume it with the version that wrote it "
+                          "(this one would train without what it does not know, and drop it from config.json)")
+    return saved.config
 
 
 def resolve(argv: list[str] | None, description: str) -> Config:

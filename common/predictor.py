@@ -5,7 +5,6 @@ torch_ref/predictor.py)."""
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from common.cli import UserError
-from common.config import Config, ConfigError
+from common.config import Config, read_saved_run
 
 LOADERS = {"jax": "jax_impl.predictor", "torch": "torch_ref.predictor"}
 
@@ -23,6 +22,7 @@ class Run:
     dir: Path
     config: Config
     framework: str
+    warning: str | None = None  # one line about what of config.json was not read (a newer version's)
 
 
 @dataclass
@@ -38,24 +38,15 @@ class Predictor:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """RUN_DIR/config.json, checked; every problem is a one-line UserError."""
+    """RUN_DIR/config.json, checked (common/config.py: read_saved_run); every problem is a one-line
+    error. Settings this version does not know are left out, with `Run.warning` saying so."""
     path = Path(run_dir)
     if not path.is_dir():
         raise UserError(f"--run {run_dir}: no such directory")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{config_path}: missing (is {run_dir} a training run's --out folder?)")
-    try:
-        saved = json.loads(config_path.read_text())
-        config, framework = saved["config"], saved["environment"]["framework"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{config_path}: not a run's config.json ({type(e).__name__}: {e})") from None
-    if framework not in LOADERS:
-        raise UserError(f"{config_path}: unknown framework {framework!r} (expected {' or '.join(LOADERS)})")
-    try:
-        return Run(path, Config(**config).validate(), framework)
-    except (TypeError, ConfigError) as e:
-        raise UserError(f"{config_path}: invalid config ({e})") from None
+    saved = read_saved_run(path)
+    if saved.framework not in LOADERS:
+        raise UserError(f"{saved.path}: unknown framework {saved.framework!r} (expected {' or '.join(LOADERS)})")
+    return Run(path, saved.config, saved.framework, saved.warning())
 
 
 def load_predictor(run: Run) -> Predictor:

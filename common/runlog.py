@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from common import plots
+from common.config import CONFIG_FORMAT
 from common.integrity import write_atomically
 
 METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "train_time_s", "epoch_time_s")
@@ -48,7 +49,8 @@ class RunLog:
         if fresh and self.metrics_path.exists():
             self.metrics_path.unlink()
         environment = {"python": platform.python_version(), "machine": platform.machine(), **environment}
-        text = json.dumps({"config": config, "environment": environment}, indent=2) + "\n"
+        # "format" first: what a reader of another version needs before the rest (common/config.py)
+        text = json.dumps({"format": CONFIG_FORMAT, "config": config, "environment": environment}, indent=2) + "\n"
         write_atomically(self.dir / "config.json", [text.encode()])
 
     def truncate(self, epochs: int) -> None:
