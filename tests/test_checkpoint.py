@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -23,7 +24,7 @@ import torch
 from flax import nnx
 
 from common.cli import UserError
-from common.config import Config
+from common.config import ADDED_LATER, Config
 from common.integrity import MANIFEST, CheckpointError
 from jax_impl import checkpoint as jax_checkpoint
 from jax_impl.train import init_model, make_optimizer
@@ -332,3 +333,54 @@ def test_resume_from_a_flipped_byte_is_one_line(framework, dry_runs, tmp_path):
     checkpoint_name = run / "checkpoints" / "5" if framework == "jax" else damaged
     assert lines == [lines[0]] and lines[0].startswith(f"error: {checkpoint_name}: corrupted checkpoint"), result.stderr
     assert damaged.read_bytes() == damaged_bytes and (run / "metrics.jsonl").read_text() == ""  # nothing touched
+
+
+def resume(framework: str, run: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"train_{framework}.py"), "--resume", str(run)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def edit_config(run: Path, edit) -> None:
+    saved = json.loads((run / "config.json").read_text())
+    edit(saved)
+    (run / "config.json").write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("newer", ["unknown_setting", "newer_format"])
+def test_resume_of_a_run_written_by_a_newer_version_is_one_line_and_touches_nothing(newer, dry_runs, tmp_path):
+    """Resuming would train without what this version does not know and rewrite config.json
+    without it: refused, where prediction and summaries only warn."""
+    run = Path(shutil.copytree(dry_runs["jax"], tmp_path / "jax"))
+    (run / "metrics.jsonl").write_text("")  # something left to resume
+    edit_config(run, (lambda s: s["config"].update(new_field_v2=1)) if newer == "unknown_setting"
+                else (lambda s: s.update(format=2)))
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = resume("jax", run)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    news = "holds settings this version does not know (new_field_v2)" if newer == "unknown_setting" else \
+        "was written by a newer version (config format 2; this one reads 1)"
+    assert lines == [f"error: --resume {run}: {run / 'config.json'} {news}; resume it with the version that wrote it "
+                     "(this one would train without what it does not know, and drop it from config.json)"], result.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+def as_format_0(saved: dict) -> None:
+    """config.json as the first versions wrote it: no "format", none of the settings added since."""
+    del saved["format"]
+    for name in ADDED_LATER:
+        del saved["config"][name]
+
+
+def test_an_older_run_resumes_with_the_fields_added_later_filled(dry_runs, tmp_path):
+    """A config.json of format 0 without the settings added since: resumed as those versions
+    trained (no rotation, no held-out pairs...), and its config.json then written in format 1."""
+    run = Path(shutil.copytree(dry_runs["torch"], tmp_path / "torch"))
+    (run / "metrics.jsonl").write_text("")
+    edit_config(run, as_format_0)
+    result = resume("torch", run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((run / "config.json").read_text())
+    filled = {name: value for name, (_, value) in ADDED_LATER.items() if name != "resume"}  # resume: this launch's
+    assert saved["format"] == 1 and {name: saved["config"][name] for name in filled} == filled
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
