@@ -8,6 +8,7 @@ accuracies, training time, and the time to reach 99.0% test digit AND sum accura
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import UserError, os_error_line, run_main  # noqa: E402
-from common.config import RECIPE_FIELDS, OneLineParser  # noqa: E402
-from common.runlog import read_metrics  # noqa: E402
+from common.config import RECIPE_FIELDS, OneLineParser, read_saved_run  # noqa: E402
+from common.runlog import METRIC_KEYS, is_number, read_metrics  # noqa: E402
 
 TARGET = 0.99
+UNSEEN = "test_sum_acc_unseen"  # logged by runs that hold (digit, r) pairs out
 # What must agree between the runs of one row: all but the seed (and where the run went).
 SAME_IN_A_ROW = ("dry_run", *(name for name in RECIPE_FIELDS if name != "seed"))
 
@@ -28,17 +30,11 @@ def read_run(run_dir: Path) -> dict:
     """A finished run's figures; every problem is a one-line UserError naming the run."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
-    config_path = run_dir / "config.json"
-    try:
-        saved = json.loads(config_path.read_text())
-        config, framework = saved["config"], saved["environment"]["framework"]
-        expected = 1 if config["dry_run"] else int(config["epochs"])
-    except OSError as e:
-        raise UserError(f"{run_dir}: not a run folder ({os_error_line(e)})") from None
-    except KeyError as e:
-        raise UserError(f"{config_path}: not a run's config (no {e} in it)") from None
-    except (ValueError, TypeError):
-        raise UserError(f"{config_path}: not a run's config (not the JSON training writes)") from None
+    saved = read_saved_run(run_dir)  # as predict.py and --resume read it
+    if saved.warning():
+        print(saved.warning(), file=sys.stderr)
+    config = saved.config.to_dict()
+    expected = 1 if config["dry_run"] else config["epochs"]
     try:
         rows = read_metrics(run_dir / "metrics.jsonl")  # exactly as training reads its own log
     except OSError as e:
@@ -47,13 +43,27 @@ def read_run(run_dir: Path) -> dict:
         raise UserError(str(e)) from None
     if len(rows) < expected:
         raise UserError(f"{run_dir}: {len(rows)} of {expected} epochs logged; the run has not finished")
+    require_finite(rows, run_dir / "metrics.jsonl", unseen=config["holdout_pairs"] > 0)
     train_time = np.cumsum([row["train_time_s"] for row in rows])
     reached = [i for i, row in enumerate(rows) if min(row["test_digit_acc"], row["test_sum_acc"]) >= TARGET]
     last = rows[-1]
-    return {"dir": run_dir, "framework": framework, "config": config, "epochs": len(rows),
+    return {"dir": run_dir, "framework": saved.framework, "config": config, "epochs": len(rows),
             "digit": 100 * last["test_digit_acc"], "sum": 100 * last["test_sum_acc"],
             "unseen": 100 * last["test_sum_acc_unseen"] if "test_sum_acc_unseen" in last else None,
             "train_s": float(train_time[-1]), "to_99_s": float(train_time[reached[0]]) if reached else None}
+
+
+def require_finite(rows: list[dict], path: Path, unseen: bool) -> None:
+    """Every figure a row is made of is a finite number: a NaN would print as "nan ± nan", and
+    a run with pairs held out that lacks its unseen accuracy would print "-" as if it had none."""
+    keys = (*METRIC_KEYS, UNSEEN) if unseen else METRIC_KEYS
+    for row in rows:
+        bad = [k for k in keys if k in row and is_number(row[k]) and not math.isfinite(row[k])]
+        if bad:
+            raise UserError(f"{path}: epoch {row['epoch']} has {', '.join(f'{k} {row[k]}' for k in bad)}; "
+                            "a row is made of finite figures only")
+        if unseen and not is_number(row.get(UNSEEN)):
+            raise UserError(f"{path}: epoch {row['epoch']} has no number for {UNSEEN} (the run holds pairs out)")
 
 
 def check_one_row(runs: list[dict]) -> None:

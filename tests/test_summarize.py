@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ADDED_LATER
 from tests.test_resume import command
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dry-run", "--conv1", "8", "--conv2", "16", "--hidden", "64", "--seed", "3"]
 
 
-def summarize(*runs: Path) -> subprocess.CompletedProcess:
+def summarize(*runs: Path | str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), *map(str, runs)],
                           capture_output=True, text=True, timeout=120)
 
@@ -117,7 +118,7 @@ def damage(run: Path, what: str) -> None:
 
 @pytest.mark.parametrize("what, message", [
     ("no folder", "no such run folder"),
-    ("no config", "No such file or directory"),
+    ("no config", "config.json: missing"),
     ("config not JSON", "config.json"),
     ("config without environment", "no 'environment'"),
     ("config a list", "not a run's config"),
@@ -136,3 +137,47 @@ def test_a_malformed_run_is_one_line(what, message, trained, tmp_path):
 def test_an_unfinished_run_is_one_line(trained, tmp_path):
     run = copy_run(trained, tmp_path / "unfinished", dry_run=False, epochs=3)
     assert "1 of 3 epochs logged; the run has not finished" in one_line_error(summarize(run))
+
+
+def rewrite_metrics(run: Path, **changes) -> None:
+    """Sets figures of the last epoch in metrics.jsonl (json writes a float NaN as NaN, as training would)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows[-1].update(changes)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("markdown", [False, True])
+def test_a_nan_accuracy_is_refused_in_one_line(markdown, trained, tmp_path):
+    """It once printed "nan ± nan" and exited 0."""
+    run = copy_run(trained, tmp_path / "nan")
+    rewrite_metrics(run, test_digit_acc=float("nan"))
+    before = (run / "metrics.jsonl").read_bytes()
+    line = one_line_error(summarize(run, *(["--markdown"] if markdown else [])))
+    assert f"{run / 'metrics.jsonl'}: epoch 1 has test_digit_acc nan" in line, line
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_run_holding_pairs_out_without_its_unseen_accuracy_is_refused(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "held_out", holdout_pairs=10)  # the trained run logged no unseen figure
+    assert "epoch 1 has no number for test_sum_acc_unseen" in one_line_error(summarize(run))
+
+
+def test_an_older_run_without_the_fields_added_later_gives_the_same_row(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "old")
+    saved = json.loads((run / "config.json").read_text())
+    del saved["format"]
+    for name in ADDED_LATER:
+        del saved["config"][name]
+    (run / "config.json").write_text(json.dumps(saved))
+    old, new = summarize(run), summarize(trained)
+    assert old.returncode == 0 and old.stderr == "", old.stderr
+    assert json.loads(old.stdout) == json.loads(new.stdout)
+
+
+def test_an_unknown_field_from_a_newer_run_is_a_warning_and_the_row_is_made(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "newer", new_field_v2="x")
+    result = summarize(run)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: {run / 'config.json'} holds settings this version does not know "
+                                          "(new_field_v2); ignoring them"]
+    assert json.loads(result.stdout)["seeds"] == [3]
