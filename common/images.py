@@ -24,13 +24,22 @@ MIN_CONTRAST = 32.0  # ink must differ from the paper by this much (of 255), els
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what a folder is searched for
 
 
+class ImageError(UserError):
+    """One image that cannot be used: "PATH: reason". The reason alone goes into predict.py's
+    JSON error records, beside the path."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """The image at `path` as an MNIST-style uint8 (28, 28) array; every problem is a one-line UserError."""
+    """The image at `path` as an MNIST-style uint8 (28, 28) array; every problem is a one-line ImageError."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such file")
+        raise ImageError(path, "no such file")
     if not path.is_file():
-        raise UserError(f"{path}: not a file")
+        raise ImageError(path, "not a file")
     try:
         with warnings.catch_warnings():
             # Pillow warns (a second stderr line) above its own limit and raises at twice it;
@@ -42,16 +51,16 @@ def load_image(path: str | Path) -> np.ndarray:
                 image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if that suffices
                 image.load()
                 gray = to_gray(image)
-    except UserError:
+    except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: image is too large (more than {MAX_PIXELS // 1_000_000} megapixels)") from None
+        raise ImageError(path, f"image is too large (more than {MAX_PIXELS // 1_000_000} megapixels)") from None
     except Image.UnidentifiedImageError:
-        raise UserError(f"{path}: not an image Pillow can read (expected PNG or JPEG)") from None
+        raise ImageError(path, "not an image Pillow can read (expected PNG or JPEG)") from None
     except PermissionError:
-        raise UserError(f"{path}: permission denied") from None
+        raise ImageError(path, "permission denied") from None
     except Exception as e:  # noqa: BLE001 - a broken file can fail inside any decoder, in any way
-        raise UserError(f"{path}: cannot decode the image ({type(e).__name__}: {first_line(e)})") from None
+        raise ImageError(path, f"cannot decode the image ({type(e).__name__}: {first_line(e)})") from None
     return prepare(gray, name=str(path))
 
 
@@ -71,10 +80,10 @@ def images_in(folder: str | Path) -> list[Path]:
 def check_size(size: tuple[int, int], name: str | Path = "image") -> None:
     width, height = size
     if width * height > MAX_PIXELS:
-        raise UserError(f"{name}: image is too large ({width}x{height} = {width * height / 1e6:.0f} megapixels; "
-                        f"the limit is {MAX_PIXELS // 1_000_000})")
+        raise ImageError(name, f"image is too large ({width}x{height} = {width * height / 1e6:.0f} megapixels; "
+                               f"the limit is {MAX_PIXELS // 1_000_000})")
     if width <= 0 or height <= 0:
-        raise UserError(f"{name}: image has no pixels ({width}x{height})")
+        raise ImageError(name, f"image has no pixels ({width}x{height})")
 
 
 def to_gray(image: Image.Image) -> np.ndarray:
@@ -107,7 +116,7 @@ def prepare(gray: np.ndarray, name: str = "image") -> np.ndarray:
     """Gray levels (h, w) in 0..255, either polarity -> MNIST-style uint8 (28, 28)."""
     a = np.asarray(gray, dtype=np.float64)
     if a.ndim != 2 or a.size == 0:
-        raise UserError(f"{name}: expected a 2-D gray image, got shape {a.shape}")
+        raise ImageError(name, f"expected a 2-D gray image, got shape {a.shape}")
     border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
     if np.median(border) > 127.5:  # light paper: make the ink the bright part, as in MNIST
         a = 255.0 - a
@@ -115,7 +124,7 @@ def prepare(gray: np.ndarray, name: str = "image") -> np.ndarray:
     paper = float(np.median(border))
     a = np.clip(a - paper, 0.0, None)
     if a.max() < MIN_CONTRAST:
-        raise UserError(f"{name}: no digit found (the image is blank: one colour, or nearly)")
+        raise ImageError(name, "no digit found (the image is blank: one colour, or nearly)")
     # Paper noise (JPEG artefacts, grain) stays below what the border's brightest pixels reach.
     # Capped, so a digit that runs into the border cannot pass for paper.
     noise = min(float(np.percentile(np.clip(border - paper, 0.0, None), 99)), 0.25 * float(a.max()))

@@ -8,6 +8,7 @@ module, side by side; every prediction below is checked against real MNIST test 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from PIL import Image
 
 from common import plots
 from common.cli import UserError
+from common.config import ADDED_LATER, CONFIG_FORMAT
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
 from common.predictor import load_predictor, read_run
 from jax_impl.predictor import MAX_BATCH, MIN_BATCH, padded_size
@@ -382,6 +384,195 @@ def test_garbled_array_data_alone_is_caught(runs, tmp_path, mnist_dir):
     for path in chunks:
         _garble(path, keep=len(path.read_bytes()) // 2)
     assert_one_line_error(predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir), "corrupted checkpoint")
+
+
+# --- a folder where some images are bad: the others are answered --------------------
+
+
+GOOD = (0, 1, 2, 3)  # test images that are a clear 7, 2, 1 and 0
+
+
+def _mixed_folder(folder: Path, splits) -> tuple[list[Path], dict[Path, str]]:
+    """Real test images as a user would hand them over (dark on light, enlarged), among them one
+    too faint to hold a digit and one PNG cut short: (the good files, {bad file: its reason})."""
+    _, test = splits
+    folder.mkdir()
+    good = []
+    for i in GOOD:
+        good.append(folder / f"good_{i}.png")
+        Image.fromarray(255 - test.images[i]).resize((84, 84), Image.Resampling.BICUBIC).save(good[-1])
+    blank = folder / "blank_4.png"  # test image 4 at a tenth of its contrast: below MIN_CONTRAST, as a blank font renders
+    Image.fromarray(255 - test.images[4] // 10).save(blank)
+    truncated = folder / "truncated_5.png"
+    whole = io.BytesIO()
+    Image.fromarray(255 - test.images[5]).resize((300, 300), Image.Resampling.BICUBIC).save(whole, format="PNG")
+    truncated.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    return good, {blank: "no digit found", truncated: "cannot decode"}
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder and its bytes: what no prediction may change."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_a_folder_with_blank_and_truncated_images_answers_every_good_one_and_names_every_bad_one(
+        framework, runs, splits, tmp_path):
+    _, test = splits
+    good, bad = _mixed_folder(tmp_path / "digits", splits)
+    before = _snapshot(runs[framework])
+    result = predict_cli("--run", runs[framework], "--image", tmp_path / "digits", "--number", 3, "--json")
+    assert result.returncode == 1, result.stderr[-2000:]  # some images answered, some not
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["image"] for r in records] == sorted(str(p) for p in [*good, *bad])  # one record per file, in order
+    answers = {r["image"]: r for r in records if "error" not in r}
+    assert [answers[str(p)]["digit"] for p in good] == [test.labels[i] for i in GOOD]
+    errors = {r["image"]: r for r in records if "error" in r}
+    assert sorted(errors) == sorted(str(p) for p in bad)
+    for path, reason in bad.items():
+        assert set(errors[str(path)]) == {"image", "error"} and errors[str(path)]["error"].startswith(reason)
+    names = ", ".join(sorted(str(p) for p in bad))
+    assert result.stderr.splitlines() == [f"error: 2 of 6 images could not be read: {names}"]
+    assert _snapshot(runs[framework]) == before
+
+
+def test_text_output_answers_the_good_images_and_gives_each_bad_one_a_line_on_stderr(runs, splits, tmp_path):
+    good, bad = _mixed_folder(tmp_path / "digits", splits)
+    result = predict_cli("--run", runs["jax"], "--image", tmp_path / "digits", "--number", 3)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert all(f"input   {path}\n" in result.stdout for path in good)
+    assert not any(str(path) in result.stdout for path in bad)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3 and "Traceback" not in result.stderr
+    for line, (path, reason) in zip(lines, sorted(bad.items())):
+        assert line.startswith(f"error: {path}: {reason}"), line
+    assert lines[2].startswith("error: 2 of 6 images could not be read: ")
+
+
+def test_when_no_image_can_be_read_nothing_is_answered_and_the_exit_code_is_2(runs, splits, tmp_path):
+    good, bad = _mixed_folder(tmp_path / "digits", splits)
+    for path in good:
+        path.unlink()
+    result = predict_cli("--run", runs["jax"], "--image", tmp_path / "digits", "--number", 3)
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert [line.split(": ")[1] for line in lines[:2]] == [str(p) for p in sorted(bad)]
+    assert lines[2:] == [f"error: 2 of 2 images could not be read: {', '.join(str(p) for p in sorted(bad))}"]
+
+
+def test_strict_stops_at_the_first_bad_image_as_before(runs, splits, tmp_path):
+    _, bad = _mixed_folder(tmp_path / "digits", splits)
+    first = min(bad)  # blank_4.png: the folder is read in name order
+    assert_one_line_error(predict_cli("--run", runs["jax"], "--image", tmp_path / "digits", "--number", 3, "--strict",
+                                      "--json"), str(first), bad[first])
+
+
+def test_the_last_line_names_ten_bad_images_and_counts_the_rest(runs, splits, tmp_path):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    Image.fromarray(splits[1].images[0]).save(folder / "a_good.png")
+    for i in range(12):
+        (folder / f"b_bad_{i:02d}.png").write_text("not an image")
+    result = predict_cli("--run", runs["jax"], "--image", folder, "--number", 3, "--json")
+    assert result.returncode == 1
+    named = ", ".join(str(folder / f"b_bad_{i:02d}.png") for i in range(10))
+    assert result.stderr.splitlines() == [f"error: 12 of 13 images could not be read: {named} and 2 more"]
+
+
+def test_probs_adds_the_whole_probability_vectors(runs, mnist_dir):
+    results = json_lines(predict_cli("--run", runs["jax"], "--mnist-test-index", 0, 1, "--json", "--probs",
+                                     "--data-dir", mnist_dir))
+    for r in results:
+        assert len(r["digit_probs"]) == 10 and len(r["sum_probs"]) == 19
+        assert r["digit_probs"][r["digit"]] == r["digit_prob"] == max(r["digit_probs"])
+        assert r["sum_probs"][r["sum"]] == r["sum_prob"] == max(r["sum_probs"])
+        # a float64 softmax of each row: its sum is 1 to within a few float64 roundings
+        assert abs(sum(r["digit_probs"]) - 1) < 1e-9 and abs(sum(r["sum_probs"]) - 1) < 1e-9
+    assert_one_line_error(predict_cli("--run", runs["jax"], "--mnist-test-index", 0, "--probs"), "--probs", "--json")
+
+
+def test_device_on_a_jax_run_is_a_one_line_warning(runs, mnist_dir):
+    result = predict_cli("--run", runs["jax"], "--mnist-test-index", 3, "--device", "cuda", "--json",
+                         "--data-dir", mnist_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["index"] == 3
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"warning: --device cuda is for PyTorch runs; {runs['jax']} is a jax run"), result.stderr
+
+
+# --- run files from other versions ------------------------------------------------------
+
+
+def _rewrite_config(run: Path, drop: tuple[str, ...] = (), **top) -> None:
+    """Edits config.json as another version would have written it: settings dropped from
+    "config", top-level keys ("format") set, or removed where given None."""
+    saved = json.loads((run / "config.json").read_text())
+    for name in drop:
+        del saved["config"][name]
+    for key, value in top.items():
+        saved.pop(key) if value is None else saved.__setitem__(key, value)
+    (run / "config.json").write_text(json.dumps(saved))
+
+
+def test_training_writes_the_config_format(runs):
+    for run in runs.values():
+        saved = json.loads((run / "config.json").read_text())
+        assert saved["format"] == CONFIG_FORMAT == 1 and list(saved)[0] == "format"
+
+
+def test_a_field_missing_from_an_older_run_is_named_in_one_line(runs, tmp_path, mnist_dir):
+    """design was written by every version: without it, no default is guessed (it once built the
+    flatten model and blamed the checkpoint)."""
+    run = _copy_run(runs["jax"], tmp_path)
+    _rewrite_config(run, drop=("design",), format=None)
+    before = _snapshot(run)
+    result = predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir)
+    assert_one_line_error(result, f"{run / 'config.json'}: no design in it (a config.json of format 0 holds it")
+    assert _snapshot(run) == before
+
+
+def test_an_older_run_without_the_fields_added_later_is_read_as_those_versions_ran(runs, tmp_path, mnist_dir):
+    run = _copy_run(runs["jax"], tmp_path)
+    _rewrite_config(run, drop=tuple(ADDED_LATER), format=None)
+    config = read_run(run).config
+    assert all(getattr(config, name) == value for name, (_, value) in ADDED_LATER.items())
+    assert config.rotate == 0 and config.holdout_pairs == 0 and config.device == "cpu"
+    old = json_lines(predict_cli("--run", run, "--mnist-test-index", 0, 1, 2, "--json", "--data-dir", mnist_dir))
+    new = json_lines(predict_cli("--run", runs["jax"], "--mnist-test-index", 0, 1, 2, "--json", "--data-dir", mnist_dir))
+    assert old == new
+
+
+def test_a_field_missing_from_a_run_of_this_format_is_named_in_one_line(runs, tmp_path, mnist_dir):
+    run = _copy_run(runs["torch"], tmp_path)
+    _rewrite_config(run, drop=("rotate", "scale"))  # only format 0 may lack them
+    assert_one_line_error(predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir),
+                          "no rotate, scale in it (a config.json of format 1 holds them")
+
+
+def test_an_unknown_field_from_a_newer_run_is_a_one_line_warning_and_ignored(runs, tmp_path, mnist_dir):
+    run = _copy_run(runs["jax"], tmp_path)
+    _edit_config(run, new_field_v2=1)
+    result = predict_cli("--run", run, "--mnist-test-index", 5, "--json", "--data-dir", mnist_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["index"] == 5
+    assert result.stderr.splitlines() == [f"warning: {run / 'config.json'} holds settings this version does not know "
+                                          "(new_field_v2); ignoring them"]
+
+
+def test_a_newer_runs_model_that_differs_is_still_caught_by_the_checkpoint(runs, tmp_path, mnist_dir):
+    """A newer format whose settings build another model here: the warning, then the checkpoint's
+    names and shapes refuse it."""
+    run = _copy_run(runs["jax"], tmp_path)
+    _edit_config(run, design="flatten", adder_v2=True)
+    _rewrite_config(run, format=CONFIG_FORMAT + 1)
+    before = _snapshot(run)
+    result = predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir)
+    assert result.returncode == 2 and result.stdout == ""
+    warning, error = result.stderr.splitlines()
+    assert warning == (f"warning: {run / 'config.json'} was written by a newer version (config format 2; this one "
+                       "reads 1) and holds settings this version does not know (adder_v2); ignoring them")
+    assert error.startswith("error: ") and "does not match" in error
+    assert _snapshot(run) == before
 
 
 # --- common/images.py -------------------------------------------------------------
