@@ -9,10 +9,11 @@ gray, cropped to the ink, scaled to 20 px, centred by mass in 28x28. All images 
 in one batch; --json prints one JSON object per image, one per line.
 
 An image that cannot be read or holds no digit does not stop the others: it gets an error record
-({"image": PATH, "error": REASON} with --json, a line on stderr otherwise) and the last line on
-stderr names every such image. Exit codes: 0 every image answered; 1 some answered, some could
-not be read; 2 nothing answered (bad flags or run, or no image could be read). --strict stops at
-the first image that cannot be read instead (exit code 2, before the model loads).
+({"image": PATH, "error": REASON} with --json, a line on stderr otherwise), and the last line on
+stderr counts such images and names the first ten. Exit codes: 0 every image answered; 1 some
+answered, some could not be read; 2 nothing answered (bad flags or run, or no image could be
+read). --strict stops at the first image that cannot be read instead (exit code 2, before the
+model loads).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _index(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1])
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a training run's output folder (--out of train_*.py)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", nargs="+", metavar="PATH", help="PNG or JPEG files of one handwritten digit each, "
