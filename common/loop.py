@@ -3,6 +3,8 @@ A framework plugs in through the small `Trainer` interface."""
 
 from __future__ import annotations
 
+import math
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -63,6 +65,10 @@ class Checkpoints:
         self.last = describe(position)
 
 
+    def resume_hint(self) -> str:
+        return f"{self.kept()}; --resume {self.run_dir} continues " + ("from it" if self.last else "from the start")
+
+
 def describe(position: dict) -> str:
     if position["step"]:
         return f"epoch {position['epoch']}, step {position['step']}"
@@ -89,7 +95,7 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
         history.append(position["metrics"])
     held_out = D.holdout_pairs(cfg.holdout_pairs)
     unseen = D.is_held_out(test.labels, test.numbers, held_out) if held_out else None
-    raise_if_stopped()  # restoring took a while
+    raise_if_stopped(checkpoints.resume_hint())  # restoring took a while
     with during_steps():
         for epoch in range(position["epoch"], epochs + 1):
             start = time.perf_counter()
@@ -126,9 +132,34 @@ def fit(cfg: Config, trainer: Trainer, train: D.Split, test: D.Split, log: RunLo
                        f"digit {100 * metrics['test_digit_acc']:.2f}%  sum {100 * metrics['test_sum_acc']:.2f}%  "
                        + (f"(unseen pairs {100 * metrics['test_sum_acc_unseen']:.2f}%)  " if held_out else "")
                        + f"{metrics['epoch_time_s']:.1f}s")
+            warn_if_not_learning(cfg, len(losses), metrics)
             if received() and epoch < epochs:
                 raise interrupted(checkpoints.last, log.dir)
     return history
+
+
+# An epoch this short still sits near the random start, whose loss is a little above a
+# uniform guess's: too early to judge.
+MIN_STEPS_TO_JUDGE = 20
+GUESSING = 2 / D.NUM_DIGITS  # a digit accuracy below twice a guess's means nothing was learned
+
+
+def uniform_guess_loss(cfg: Config) -> float:
+    """The training loss of a network that gives every class the same probability (label
+    smoothing leaves it unchanged): CE(digit) + sum_weight * CE(sum) = ln 10 + w ln 19."""
+    return math.log(D.NUM_DIGITS) + cfg.sum_weight * math.log(D.NUM_SUMS)
+
+
+def warn_if_not_learning(cfg: Config, steps: int, metrics: dict) -> None:
+    """One line on stderr when an epoch trained no better than guessing. A run can diverge
+    without a NaN: a too-high --lr sends the loss into the thousands, then the network collapses
+    to a constant answer (a finite loss, 10% accuracy), and the loop's NaN check never fires."""
+    guess = uniform_guess_loss(cfg)
+    if steps < MIN_STEPS_TO_JUDGE or (metrics["train_loss"] < guess and metrics["test_digit_acc"] >= GUESSING):
+        return
+    print(f"warning: epoch {metrics['epoch']}: training loss {metrics['train_loss']:.4g} (a uniform guess: "
+          f"{guess:.2f}), test digit accuracy {100 * metrics['test_digit_acc']:.1f}%: training diverged or stalled; "
+          f"try a lower --lr (this run: {cfg.lr:g})", file=sys.stderr)
 
 
 def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -152,7 +183,9 @@ def run_training(cfg: Config, make_trainer, environment: dict, write_outputs: bo
     saves, but no config.json, metrics or plots (those are drawn into a scratch folder).
     Problems before training are one-line errors with exit code 2, write failures during it 1."""
     resume = cfg.resume is not None
-    raise_if_stopped()  # the imports before this point took a while
+    # What a signal before the first step leaves: a fresh launch's folder is removed (rundir.claim).
+    left = f"the run is as it was; --resume {cfg.resume} continues it" if resume else "nothing was saved"
+    raise_if_stopped(left)  # the imports before this point took a while
     with rundir.claim(cfg, main=write_outputs, processes=processes) as run, tempfile.TemporaryDirectory() as scratch:
         if run.finished:
             if write_outputs:
@@ -163,14 +196,17 @@ def run_training(cfg: Config, make_trainer, environment: dict, write_outputs: bo
         try:
             log = RunLog(run.dir, cfg.to_dict(), environment, fresh=not resume) if write_outputs else NullLog(Path(scratch))
             train, test = load_splits(cfg)
-            raise_if_stopped()
+            raise_if_stopped(left)
             total_steps = steps_per_epoch(cfg, len(train)) * (1 if cfg.dry_run else cfg.epochs)
             trainer = make_trainer(cfg, train, total_steps, run.dir)
-            raise_if_stopped()
+            raise_if_stopped(left)
             run.start_training()
             if run.default and write_outputs:
                 print(f"run folder: {run.dir}")
-            return fit(cfg, trainer, train, test, log, resume=resume)
+            history = fit(cfg, trainer, train, test, log, resume=resume)
+            if write_outputs:
+                print(next_steps(run.dir))
+            return history
         except OSError as e:  # a failed checkpoint is reported where it is saved (RunFailed)
             remove_temp_files(run.dir)
             if not run.training:
@@ -183,6 +219,13 @@ def run_training(cfg: Config, make_trainer, environment: dict, write_outputs: bo
         finally:
             if trainer is not None:  # before a failed start's folder is removed: Orbax may still be looking at it
                 getattr(trainer, "close", lambda: None)()
+
+
+def next_steps(run_dir: Path) -> str:
+    """What a finished run prints: where it is and what to do with it."""
+    return (f"finished: {run_dir} (metrics.jsonl, curves.png, checkpoints)\n"
+            f"  predict:   python scripts/predict.py --run {run_dir} --image DIGIT.png --number 3\n"
+            f"  summarize: python scripts/summarize.py {run_dir}")
 
 
 def load_splits(cfg: Config) -> tuple[D.Split, D.Split]:

@@ -47,11 +47,11 @@ def received() -> int | None:
     return _received
 
 
-def raise_if_stopped() -> None:
-    """Raises Interrupted if a signal arrived (outside the steps: nothing new to save)."""
+def raise_if_stopped(left: str = "nothing new was saved") -> None:
+    """Raises Interrupted if a signal arrived (outside the steps: nothing new to save). `left`
+    tells the user what is on disk now; the caller knows it, this module does not."""
     if _received is not None:
-        raise Interrupted(f"{signal.Signals(_received).name} outside the training steps; the last checkpoint "
-                          "stays as it was", _received)
+        raise Interrupted(f"{signal.Signals(_received).name} outside the training steps; {left}", _received)
 
 
 def interrupted(saved: str, run_dir: Path) -> Interrupted:

@@ -252,3 +252,28 @@ def test_non_finite_loss_stops_with_a_one_line_message(tmp_path):
     line = last_line(result.stderr)
     assert "epoch 1" in line and "not finite" in line and "no checkpoint was saved yet" in line, line
     assert "Traceback" not in result.stderr and not (run / "metrics.jsonl").exists()
+
+
+def test_a_run_that_diverges_without_a_nan_says_so_at_the_end_of_the_epoch(tmp_path):
+    """lr 10 without weight decay: the loss jumps into the thousands, then the network collapses to
+    a constant answer; every loss stays finite, so only this check speaks."""
+    result = subprocess.run(command("jax", *SMALL, "--epochs", "1", "--lr", "10", "--out", str(tmp_path / "run")),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: epoch 1:")]
+    assert len(warnings) == 1 and "training diverged or stalled; try a lower --lr (this run: 10)" in warnings[0], result.stderr
+
+
+@pytest.mark.parametrize("train_loss, digit_acc, steps, warned", [
+    (0.9, 0.97, 468, False),  # healthy
+    (2399.0, 0.11, 120, True),  # the loss in the thousands
+    (5.06, 0.11, 468, True),  # collapsed: the loss of a constant answer, below a uniform guess's, and 11% right
+    (5.6, 0.30, 5, False),  # a dry run's five steps: too few to judge
+])
+def test_an_epoch_no_better_than_guessing_is_named_in_one_line(train_loss, digit_acc, steps, warned, capsys):
+    from common.config import Config
+    from common.loop import warn_if_not_learning
+
+    warn_if_not_learning(Config(), steps, {"epoch": 3, "train_loss": train_loss, "test_digit_acc": digit_acc})
+    err = capsys.readouterr().err
+    assert (err.count("\n") == 1 and err.startswith("warning: epoch 3:")) if warned else err == ""

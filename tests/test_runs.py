@@ -9,6 +9,7 @@ import fcntl
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from common.config import MAX_SEED, resolve
 from tests.test_resume import command, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+ROOT_ON_PATH = {**os.environ, "PYTHONPATH": str(ROOT)}  # for scripts given with -c, run from other folders
 PLOTS = ("curves", "confusion_digit", "confusion_sum", "samples")
 
 
@@ -102,7 +104,42 @@ def test_a_failed_start_leaves_no_run_behind(tmp_path):
         line = one_line_error(train("--dry-run", "--data-dir", str(tmp_path / "no-mnist"), *args, cwd=tmp_path))
         assert "no-mnist" in line
     assert not (tmp_path / "run").exists()
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # the launch made runs/ for itself: it goes too
+
+
+# A training script that receives SIGINT (as from Ctrl-C) while MNIST loads, before any step.
+SIGNAL_WHILE_LOADING = """
+import signal, sys
+from common import loop
+load_splits = loop.load_splits
+def load_then_signal(cfg):
+    splits = load_splits(cfg)
+    signal.raise_signal(signal.SIGINT)
+    return splits
+loop.load_splits = load_then_signal
+from common.cli import train_main
+train_main("jax_impl.train", "", sys.argv[1:])
+"""
+
+
+def test_a_signal_before_training_says_truly_what_is_left(tmp_path):
+    """A fresh launch leaves nothing and says so; a resumed run is left as it was and says how to go on."""
+    fresh = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOADING, "--dry-run"], cwd=tmp_path, env=ROOT_ON_PATH,
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 128 + signal.SIGINT, fresh.stderr
+    assert fresh.stderr.strip() == "interrupted: SIGINT outside the training steps; nothing was saved"
+    assert list(tmp_path.iterdir()) == []
+    run = tmp_path / "run"
+    assert train("--dry-run", "--out", str(run)).returncode == 0
+    (run / "metrics.jsonl").unlink()  # as if stopped before its first epoch was logged: a run to resume
+    # config.json records each launch's own flags (the resume rewrites it); nothing else may change.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "config.json"}
+    resumed = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOADING, "--resume", str(run)], env=ROOT_ON_PATH,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 128 + signal.SIGINT, resumed.stderr
+    assert resumed.stderr.strip() == (f"interrupted: SIGINT outside the training steps; the run is as it was; "
+                                      f"--resume {run} continues it")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "config.json"} == before
 
 
 def test_an_out_that_is_not_a_folder_is_one_line(tmp_path):
