@@ -26,8 +26,10 @@ GO, REFUSED, FINISHED = 0, 1, 2  # what process 0 tells the others
 class RunFolder:
     """A claimed run folder. `finished`: a --resume of a run with every epoch logged."""
 
-    def __init__(self, path: Path, fresh: bool, created: bool, default: bool, lock: int | None):
+    def __init__(self, path: Path, fresh: bool, created: bool, default: bool, lock: int | None,
+                 created_parent: bool = False):
         self.dir, self.fresh, self.created, self.default, self._lock = path, fresh, created, default, lock
+        self.created_parent = created_parent  # runs/ itself was made for this launch
         self.finished = False
         self.history: list[dict] = []
         self.training = False
@@ -41,7 +43,7 @@ class RunFolder:
     def discard(self) -> None:
         """Removes what a fresh launch wrote before training started (nothing worth keeping)."""
         if self.created:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_created(self)
         else:  # the folder was empty, or its old run deleted by --overwrite: all in it is ours
             remove_contents(self.dir)
 
@@ -88,7 +90,9 @@ def require_out(cfg: Config, processes: int) -> None:
 def _claim(cfg: Config) -> RunFolder:
     fresh = cfg.resume is None
     default = cfg.out is None
+    created_parent = False
     if default:
+        created_parent = not RUNS.exists()
         path, created = new_default_folder(cfg.preset), True
     else:
         path = Path(cfg.out)
@@ -104,7 +108,12 @@ def _claim(cfg: Config) -> RunFolder:
             refuse_foreign(path)  # before the lock file is made: a folder not ours gets no file of ours
     except OSError as e:
         raise UserError(f"cannot read the run folder: {os_error_line(e, path)}") from None
-    run = RunFolder(path, fresh, created, default, lock=take_lock(path))
+    try:
+        lock = take_lock(path)
+    except UserError:
+        release_after_failure(RunFolder(path, fresh, created, default, None, created_parent))
+        raise
+    run = RunFolder(path, fresh, created, default, lock, created_parent)
     try:
         if fresh:
             make_room(path, cfg.overwrite)
@@ -128,8 +137,16 @@ def _claim(cfg: Config) -> RunFolder:
 
 def release_after_failure(run: RunFolder) -> None:
     if run.created:
-        shutil.rmtree(run.dir, ignore_errors=True)
+        remove_created(run)
     run.release()
+
+
+def remove_created(run: RunFolder) -> None:
+    """Deletes a folder this launch made, and runs/ if it made that too and nothing else is in it."""
+    shutil.rmtree(run.dir, ignore_errors=True)
+    if run.created_parent:
+        with contextlib.suppress(OSError):  # not empty: another launch's run is in it now
+            run.dir.parent.rmdir()
 
 
 def new_default_folder(preset: str) -> Path:
