@@ -187,19 +187,24 @@ def download(target: Path, mirrors: tuple[str, ...] | None = None) -> None:
                 with gzip.open(tmp, "rb") as f:
                     digest = hashlib.sha256(f.read()).hexdigest()
                 if digest != SHA256[stem]:
-                    raise DataError(f"checksum mismatch for {url}")
+                    raise DataError("checksum mismatch")
                 os.replace(tmp, target / f"{stem}.gz")
                 break
             except (OSError, EOFError, DataError, ValueError) as e:
-                errors.append(f"{url}: {e}")
+                errors.append(short_reason(e))
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            raise DataError(
-                f"could not download {stem} ({'; '.join(errors)}); "
-                "put the four MNIST IDX files in a folder and pass --data-dir DIR or set MNIST_DIR=DIR"
-            )
+            # One short line: the cause, then the folder where files are picked up by themselves.
+            raise DataError(f"could not download {stem}.gz ({errors[-1]}, {len(mirrors)} mirror(s) tried); "
+                            f"put the four MNIST .gz files in {target} or pass --data-dir DIR")
+
+
+def short_reason(e: BaseException) -> str:
+    """Why a download failed, in a few words (urllib's own messages repeat the URL and nest)."""
+    reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+    return str(getattr(reason, "strerror", None) or reason).strip()[:60]
 
 
 # --- pairing images with numbers, and batch order ------------------------
