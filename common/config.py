@@ -50,8 +50,8 @@ class Config:
     conv2: int = setting(64, "model", "channels of the second 3x3 convolution", low=1, high=1024)
     hidden: int = setting(256, "model", "width of the fully connected layer", low=1, high=16384)
     adder_hidden: int = setting(64, "model", "width of the adder's hidden layer (design digit)", low=1, high=16384)
-    preset: str = setting("default", "recipe", "a named recipe (see README); any flag given beside it wins",
-                          choices=None)  # checked against PRESETS below
+    preset: str = setting("default", "recipe", "a named recipe; any flag given beside it wins",
+                          choices=None)  # checked against PRESETS below; --help lists what each sets
     epochs: int = setting(10, "recipe", "passes over the 60,000 training images", low=1, high=10_000)
     batch_size: int = setting(128, "recipe", "images per training step (over all devices)", low=1, high=60_000)
     lr: float = setting(2e-3, "recipe", "peak learning rate of AdamW", low=0.0, high=10.0)
@@ -168,7 +168,15 @@ def _flag_type(f: dataclasses.Field):
 
 def _help(f: dataclasses.Field, default) -> str:
     text = f.metadata["help"]
+    if f.name == "preset":
+        text += ". " + "; ".join(f"{name}: {preset_flags(name)}" for name in PRESETS)
     return text if default is None or default is False else f"{text} [default: {default}]"
+
+
+def preset_flags(name: str) -> str:
+    """What a preset sets, as the flags that would set it."""
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in PRESETS[name].items())
+    return flags or "no overrides"
 
 
 def _metavar(f: dataclasses.Field) -> str:
