@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -191,7 +192,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     return train
 
 
-def make_predict(graphdef: nnx.GraphDef, chunk: int = 2000) -> Callable:
+def make_predict(graphdef: nnx.GraphDef, chunk: int = 1000) -> Callable:
     """Returns predict(params, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any n."""
 
     @partial(jax.jit, compiler_options=compiler_options())
@@ -295,6 +296,9 @@ def run(cfg: Config) -> list[dict]:
     tune_cpu_process()  # before JAX starts; nothing where it will compute on a GPU
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
+    if cfg.device != "auto":  # PyTorch's flag; JAX chooses its backend itself
+        print(f"warning: --device {cfg.device} is PyTorch's (train_torch.py); JAX trains on its default backend, "
+              f"{jax.default_backend()} (JAX_PLATFORMS chooses)", file=sys.stderr)
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
     return run_training(cfg, JaxTrainer, environment(), write_outputs=jax.process_index() == 0,
                         processes=jax.process_count())

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from common import data as D
-from common.config import DESIGNS, Config
+from common.config import DESIGNS, PRESETS, Config, build_parser
+from common.loop import next_steps
 from common.metrics import score
 from jax_impl import train as T
 
@@ -67,10 +68,14 @@ def test_prediction_covers_every_test_example(splits):
     np.testing.assert_allclose(one_by_one[0][0], digit[-1], rtol=1e-5, atol=1e-5)  # float32 batch-size effects
 
 
-def test_dry_run_writes_every_output(tmp_path, mnist_dir):
+def test_dry_run_writes_every_output_and_says_what_next(tmp_path, mnist_dir):
     out = tmp_path / "run"
-    result = run_script("--dry-run", "--out", str(out), "--data-dir", str(mnist_dir))
+    result = run_script("--dry-run", "--out", str(out), "--data-dir", str(mnist_dir), "--device", "cpu")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-3:] == next_steps(out).splitlines()
+    assert f"--run {out}" in result.stdout  # the predict command names this run
+    # --device is PyTorch's flag: a JAX run says so rather than ignore it in silence.
+    assert "warning: --device cpu is PyTorch's (train_torch.py)" in result.stderr.splitlines()[0]
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["dry_run"] is True and config["environment"]["jax"]
     cache = Path(config["environment"]["compile_cache"])  # compiled programs kept for the next start
@@ -99,6 +104,14 @@ def test_bad_flags_give_one_line_and_exit_2(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_help_lists_what_each_preset_sets():
+    help_text = " ".join(build_parser("", Config()).format_help().split())
+    for name, overrides in PRESETS.items():
+        listed = help_text.split(f" {name}: ", 1)[1]
+        for key, value in overrides.items():
+            assert f"--{key.replace('_', '-')} {value}" in listed.split(";")[0], (name, key)
 
 
 def test_the_torch_reference_refuses_jax_only_flags(tmp_path):
