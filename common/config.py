@@ -320,6 +320,9 @@ def settings_of_format(values: dict, version: int, path: Path) -> tuple[dict, li
     filled = {name: ADDED_LATER[name][1] for name in known
               if name not in values and name in ADDED_LATER and version <= ADDED_LATER[name][0]}
     missing = [name for name in known if name not in values and name not in filled]
+    if missing and version > CONFIG_FORMAT:
+        raise ConfigError(f"{path}: no {', '.join(missing)} in it (written by a newer version, config format "
+                          f"{version}, that does without: read it with that version)")
     if missing:
         raise ConfigError(f"{path}: no {', '.join(missing)} in it (a config.json of format {version} holds "
                           f"{'them' if len(missing) > 1 else 'it'}; a damaged or edited file?)")

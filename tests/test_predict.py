@@ -24,7 +24,7 @@ from PIL import Image
 
 from common import plots
 from common.cli import UserError
-from common.config import ADDED_LATER, CONFIG_FORMAT
+from common.config import ADDED_LATER, CONFIG_FORMAT, ConfigError
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
 from common.predictor import load_predictor, read_run
 from jax_impl.predictor import MAX_BATCH, MIN_BATCH, padded_size
@@ -547,6 +547,13 @@ def test_a_field_missing_from_a_run_of_this_format_is_named_in_one_line(runs, tm
     _rewrite_config(run, drop=("rotate", "scale"))  # only format 0 may lack them
     assert_one_line_error(predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir),
                           "no rotate, scale in it (a config.json of format 1 holds them")
+
+
+def test_a_field_missing_from_a_newer_run_says_which_version_reads_it(runs, tmp_path):
+    run = _copy_run(runs["jax"], tmp_path)
+    _rewrite_config(run, drop=("design",), format=CONFIG_FORMAT + 1)
+    with pytest.raises(ConfigError, match=r"no design in it \(written by a newer version, config format 2, that does"):
+        read_run(run)
 
 
 def test_an_unknown_field_from_a_newer_run_is_a_one_line_warning_and_ignored(runs, tmp_path, mnist_dir):
