@@ -250,7 +250,9 @@ ADDED_LATER: dict[str, tuple[int, object]] = {
     "tfds_data_dir": (0, None),
     "overwrite": (0, False),
     "compile_cache": (0, False),  # no persistent compilation cache yet
-    "device": (0, "cpu"),  # PyTorch trained on the CPU
+    # PyTorch trained on the CPU, but the device is a launch's own choice (--resume may give
+    # another), and a JAX run holding "cpu" would be warned about a flag it never had.
+    "device": (0, "auto"),
     "rotate": (0, 0.0),  # no rotation or scaling
     "scale": (0, 0.0),
 }

@@ -372,14 +372,17 @@ def as_format_0(saved: dict) -> None:
         del saved["config"][name]
 
 
-def test_an_older_run_resumes_with_the_fields_added_later_filled(dry_runs, tmp_path):
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_an_older_run_resumes_with_the_fields_added_later_filled(framework, dry_runs, tmp_path):
     """A config.json of format 0 without the settings added since: resumed as those versions
-    trained (no rotation, no held-out pairs...), and its config.json then written in format 1."""
-    run = Path(shutil.copytree(dry_runs["torch"], tmp_path / "torch"))
+    trained (no rotation, no held-out pairs...), without a word about flags nobody gave, and its
+    config.json then written in format 1."""
+    run = Path(shutil.copytree(dry_runs[framework], tmp_path / framework))
     (run / "metrics.jsonl").write_text("")
     edit_config(run, as_format_0)
-    result = resume("torch", run)
+    result = resume(framework, run)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning" not in result.stderr, result.stderr
     saved = json.loads((run / "config.json").read_text())
     filled = {name: value for name, (_, value) in ADDED_LATER.items() if name != "resume"}  # resume: this launch's
     assert saved["format"] == 1 and {name: saved["config"][name] for name in filled} == filled

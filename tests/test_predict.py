@@ -536,7 +536,7 @@ def test_an_older_run_without_the_fields_added_later_is_read_as_those_versions_r
     _rewrite_config(run, drop=tuple(ADDED_LATER), format=None)
     config = read_run(run).config
     assert all(getattr(config, name) == value for name, (_, value) in ADDED_LATER.items())
-    assert config.rotate == 0 and config.holdout_pairs == 0 and config.device == "cpu"
+    assert config.rotate == 0 and config.holdout_pairs == 0 and config.precision == "fp32"
     old = json_lines(predict_cli("--run", run, "--mnist-test-index", 0, 1, 2, "--json", "--data-dir", mnist_dir))
     new = json_lines(predict_cli("--run", runs["jax"], "--mnist-test-index", 0, 1, 2, "--json", "--data-dir", mnist_dir))
     assert old == new
