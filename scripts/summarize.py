@@ -49,16 +49,15 @@ def read_run(run_dir: Path) -> dict:
     last = rows[-1]
     return {"dir": run_dir, "framework": saved.framework, "config": config, "epochs": len(rows),
             "digit": 100 * last["test_digit_acc"], "sum": 100 * last["test_sum_acc"],
-            "unseen": 100 * last["test_sum_acc_unseen"] if "test_sum_acc_unseen" in last else None,
+            "unseen": 100 * last[UNSEEN] if UNSEEN in last else None,
             "train_s": float(train_time[-1]), "to_99_s": float(train_time[reached[0]]) if reached else None}
 
 
 def require_finite(rows: list[dict], path: Path, unseen: bool) -> None:
     """Every figure a row is made of is a finite number: a NaN would print as "nan ± nan", and
     a run with pairs held out that lacks its unseen accuracy would print "-" as if it had none."""
-    keys = (*METRIC_KEYS, UNSEEN) if unseen else METRIC_KEYS
     for row in rows:
-        bad = [k for k in keys if k in row and is_number(row[k]) and not math.isfinite(row[k])]
+        bad = [k for k in (*METRIC_KEYS, UNSEEN) if k in row and is_number(row[k]) and not math.isfinite(row[k])]
         if bad:
             raise UserError(f"{path}: epoch {row['epoch']} has {', '.join(f'{k} {row[k]}' for k in bad)}; "
                             "a row is made of finite figures only")
