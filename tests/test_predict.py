@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image
 
 from common import plots
 from common.cli import UserError
-from common.config import ADDED_LATER, CONFIG_FORMAT, ConfigError
+from common.config import ADDED_LATER, CONFIG_FORMAT, Config, ConfigError
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
 from common.predictor import load_predictor, read_run
 from jax_impl.predictor import MAX_BATCH, MIN_BATCH, padded_size
@@ -518,6 +519,21 @@ def test_training_writes_the_config_format(runs):
     for run in runs.values():
         saved = json.loads((run / "config.json").read_text())
         assert saved["format"] == CONFIG_FORMAT == 1 and list(saved)[0] == "format"
+
+
+# What a config.json of format 1 holds: the settings of the version that introduced the format.
+FORMAT_1_SETTINGS = (
+    "design", "conv1", "conv2", "hidden", "adder_hidden", "preset", "epochs", "batch_size", "lr", "weight_decay",
+    "warmup_epochs", "seed", "shift", "rotate", "scale", "label_smoothing", "sum_weight", "holdout_pairs", "precision",
+    "data_source", "data_dir", "tfds_data_dir", "out", "overwrite", "resume", "dry_run", "compile_cache", "device",
+    "devices", "steps_per_call", "coordinator", "num_processes", "process_id")
+
+
+def test_a_setting_added_after_format_1_comes_with_its_fill_rule_and_a_new_format():
+    """Without both, every run written before the setting existed would be refused for lacking it."""
+    added = [f.name for f in fields(Config) if f.name not in FORMAT_1_SETTINGS]
+    assert all(name in ADDED_LATER and ADDED_LATER[name][0] >= 1 for name in added), added
+    assert CONFIG_FORMAT > 1 or not added
 
 
 def test_a_field_missing_from_an_older_run_is_named_in_one_line(runs, tmp_path, mnist_dir):
