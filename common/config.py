@@ -12,16 +12,14 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from common.errors import ConfigError
+
 DESIGNS = ("flatten", "digit", "numberline")
 PRECISIONS = ("fp32", "bf16")
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("idx", "tfds")
 ACCELERATOR_STEPS_PER_CALL = 16
 MAX_SEED = 2**31 - 1  # JAX's and NumPy's seeds both take it; larger ones overflow int32 keys
-
-
-class ConfigError(Exception):
-    """An invalid setting; shown as one line, exit code 2."""
 
 
 def setting(default, group: str, help: str, choices: tuple | None = None, low=None, high=None):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import DataError
+
 MEAN, STD = 0.1307, 0.3081
 NUM_DIGITS, NUM_SUMS = 10, 19
 # The test set's numbers never depend on the training seed, so every run and
@@ -41,10 +43,6 @@ MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
-
-
-class DataError(Exception):
-    """A problem with the data that the user can fix; shown as one line."""
 
 
 @dataclass(frozen=True)
@@ -123,19 +121,6 @@ def load_mnist(directory: Path) -> dict[str, np.ndarray]:
         ndim = 3 if key.endswith("images") else 1
         out[key] = load_file(directory, stem, ndim, COUNTS[split])
     return out
-
-
-def load_arrays(source: str, data_dir: str | None, tfds_data_dir: str | None) -> dict[str, np.ndarray]:
-    """The four MNIST arrays, in the IDX files' order, from `source`: "idx" (the files `locate`
-    finds) or "tfds" (TensorFlow Datasets' mnist). Both give identical arrays, so identical runs."""
-    if source == "idx":
-        return load_mnist(locate(data_dir))
-    if source == "tfds":
-        # Imported here, not at the top: tfds_mnist builds on this module.
-        from common import tfds_mnist
-
-        return tfds_mnist.load_mnist(tfds_data_dir)
-    raise DataError(f"unknown data source {source!r}: idx or tfds")
 
 
 # --- finding (or fetching) the files -------------------------------------
@@ -287,7 +272,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
     return order[: steps * batch_size].reshape(steps, batch_size)
 
 
-def epoch_shifts(steps: int, batch_size: int, max_shift: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_offsets(steps: int, batch_size: int, max_shift: int, seed: int, epoch: int) -> np.ndarray:
     """Per-example crop offsets in 0..2*max_shift for random translation, shape (steps, batch_size, 2).
     Drawn here, not inside a framework, so JAX and PyTorch shift every image alike."""
     rng = np.random.default_rng([seed, epoch, 1])

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.cli import UserError, first_line
+from common.errors import UserError, first_line
 
 MAX_PIXELS = 50_000_000  # refused before decoding: each pixel decodes to four bytes of RGBA
 BOX = 20  # the longer side of the ink, as in MNIST

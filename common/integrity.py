@@ -11,13 +11,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from common.cli import UserError
+from common.errors import CheckpointError
 
 MANIFEST = "SHA256SUMS"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, damaged or not this run's: one line naming it, exit code 2."""
 
 
 def sha256_file(path: Path) -> str:

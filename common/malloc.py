@@ -14,7 +14,7 @@ def keep_freed_memory() -> bool:
 
     PyTorch eager otherwise page-faults its activations back in every step, and its step time
     depends on the allocator's history; XLA's scratch buffer needs
-    `jax_impl.cpu_speed.run_on_calling_thread` as well (benchmarks/README.md, the paragraph
+    `jax_impl.speed.run_on_calling_thread` as well (benchmarks/README.md, the paragraph
     "Both training scripts and the benchmark tell glibc's malloc..." and the calling-thread row).
     The process keeps its peak memory until it exits. Returns whether it applied."""
     try:

@@ -3,11 +3,13 @@ matplotlib with the Agg backend (no display needed); every file is written atomi
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from common.integrity import write_atomically
 
 MAX_INCHES = 12.0  # at dpi 100: at most 1200 x 1200 pixels
 DPI = 100
@@ -34,17 +36,15 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
+    """A reader never sees a half-written PNG, and a full disk leaves none behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, path)  # a reader never sees a half-written PNG
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
-        raise
+        fig.savefig(png, dpi=DPI, format="png")
     finally:
         _pyplot().close(fig)
+    write_atomically(path, [png.getvalue()])
     return path
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.config import Config, read_saved_run
 
 LOADERS = {"jax": "jax_impl.predictor", "torch": "torch_ref.predictor"}

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.cli import UserError, os_error_line
-from common.config import Config, ConfigError
+from common.config import Config
+from common.errors import ConfigError, UserError, os_error_line
 from common.runlog import read_metrics
 
 RUNS = Path("runs")

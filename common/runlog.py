@@ -76,8 +76,8 @@ class RunLog:
 
 
 def remove_temp_files(run_dir: Path) -> None:
-    """Deletes the *.tmp files and *.tmp.png plots a failed write left in RUN_DIR."""
-    for tmp in [*run_dir.glob("*.tmp"), *run_dir.glob("*.tmp.png")]:
+    """Deletes the *.tmp files a failed write left in RUN_DIR (common.integrity.write_atomically)."""
+    for tmp in run_dir.glob("*.tmp"):
         tmp.unlink(missing_ok=True)
 
 

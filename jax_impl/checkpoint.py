@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from common.cli import first_line
-from common.integrity import CheckpointError, has_manifest, require_same_shapes, verify_manifest, write_manifest
+from common.errors import CheckpointError, first_line
+from common.integrity import has_manifest, require_same_shapes, verify_manifest, write_manifest
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp..., then renames it
 # The layout of a step folder, saved in its metadata ("format"; none: 0, the versions before,

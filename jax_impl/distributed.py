@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from common.config import Config, ConfigError
+from common.config import Config
+from common.errors import ConfigError
 
 AXIS = "data"
 
@@ -64,6 +65,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, axis: int) -> NamedSharding:
     """Split along dimension `axis` (the examples of a batch) over the data axis."""
     return NamedSharding(mesh, PartitionSpec(*([None] * axis), AXIS))
+
+
+def split_examples(tree, mesh: Mesh):
+    """Keeps every array of `tree` (a batch's images, numbers, labels) split by example over the
+    mesh, so each device computes on its share (XLA would infer it; this pins it)."""
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, batch_sharding(mesh, 0)), tree)
 
 
 def replicate(tree, mesh: Mesh):

@@ -1,4 +1,7 @@
-"""Training with JAX: the compiled train step, evaluation, and the epoch loop."""
+"""Training with JAX, top to bottom: the loss, one training step, the batch it trains on, and the
+trainer that the epoch loop both frameworks share (`common.loop.fit`) drives. Each piece of
+speed code (several steps in one compiled call, the warm start, the CPU settings) is applied in
+one line from jax_impl/speed.py."""
 
 from __future__ import annotations
 
@@ -18,37 +21,77 @@ from common import data as D
 from common.config import Config, steps_per_call
 from common.loop import run_training
 from common.schedule import lr_knots
-from jax_impl import checkpoint, distributed
-# CPU-only speed settings (YNNPACK, the calling thread); cpu_speed.py says why and where the numbers are.
-from jax_impl.cpu_speed import compiler_options, runs_on_calling_thread, tune_cpu_process
+from jax_impl import checkpoint, distributed, speed
 from jax_impl.model import SumNet
-from jax_impl.warm_start import COMPILE_CLOCK, FusedWhenReady
 
 State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
-
-def enable_compile_cache(enabled: bool = True) -> str | None:
-    """JAX's persistent compilation cache in the user cache folder: a later process start loads
-    the compiled train step instead of compiling it again. Off with enabled=False or with
-    MNIST_SUM_NO_COMPILE_CACHE=1. Returns the folder (None: off)."""
-    if not enabled or os.environ.get("MNIST_SUM_NO_COMPILE_CACHE"):
-        return None
-    folder = D.cache_dir() / "jax-compile-cache"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # predict's small programs too
-    return str(folder)
+Batch = tuple[jax.Array, jax.Array, jax.Array]  # normalised images (n, 28, 28, 1), numbers r, digit labels
 
 
-def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
-    xs, ys = lr_knots(cfg, total_steps)
-    pieces = [optax.linear_schedule(ys[i], ys[i + 1], xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
-    schedule = optax.join_schedules(pieces, xs[1:-1])
-    # Optax divides its int32 step counter in float32, even under jax_enable_x64; a float counter
-    # gives the same float32 values and exact float64 ones for the float64 parity check.
-    return lambda count: schedule(jnp.asarray(count, float))
+# --- the loss and one training step ---------------------------------------------------------
 
 
-def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(one_hot, smoothing) if smoothing else one_hot)
+
+
+def loss_fn(model: SumNet, images: jax.Array, numbers: jax.Array, labels: jax.Array,
+            smoothing: float = 0.0, sum_weight: float = 1.0) -> jax.Array:
+    """Mean over the batch of CE(digit) + sum_weight * CE(sum)."""
+    digit_logits, sum_logits = model(images, numbers)
+    digit_ce = cross_entropy(digit_logits, labels, smoothing)
+    sum_ce = cross_entropy(sum_logits, labels + numbers, smoothing)
+    return (digit_ce + sum_weight * sum_ce).mean()
+
+
+def train_step(state: State, batch: Batch, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               cfg: Config) -> tuple[State, jax.Array]:
+    """One AdamW step: the batch's loss through the model, its gradient, the update."""
+
+    def loss_of(params):
+        return loss_fn(as_model(graphdef, params, cfg.precision), *batch, cfg.label_smoothing, cfg.sum_weight)
+
+    loss, grads = jax.value_and_grad(loss_of)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+
+def as_model(graphdef: nnx.GraphDef, params, precision: str = "fp32") -> Callable:
+    """The model with these parameters. Under bf16 it computes in bfloat16: parameters and images
+    cast here (the gradient flows back through the cast to the float32 parameters), logits cast
+    back to float32, so the softmax, the cross-entropy and the mean stay float32."""
+    if precision != "bf16":
+        return nnx.merge(graphdef, params)
+    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    model = nnx.merge(graphdef, bf16)
+
+    def model_f32_logits(images, numbers):
+        return tuple(logits.astype(jnp.float32) for logits in model(images.astype(jnp.bfloat16), numbers))
+
+    return model_f32_logits
+
+
+# --- the batch, made on the device from the training set there -------------------------------
+
+
+def device_batch(dataset: dict, batch_indices: jax.Array, augmentation: jax.Array | None, max_shift: int) -> Batch:
+    """The examples these indices name, each image moved (and warped) as the shared data plan drew
+    it (`common.loop.epoch_plan`), normalised."""
+    images = dataset["images"][batch_indices]
+    if augmentation is not None:
+        images = augment(images, augmentation, max_shift)
+    return preprocess(images), dataset["numbers"][batch_indices], dataset["labels"][batch_indices]
+
+
+def step_on_indices(state: State, dataset: dict, batch_indices: jax.Array, augmentation: jax.Array | None, *,
+                    cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> tuple[State, jax.Array]:
+    """`train_step` on the batch these indices name. Over several devices each computes its share
+    of the batch, and XLA inserts the all-reduce that makes the mean loss and its gradient global
+    (jax_impl/distributed.py)."""
+    batch = distributed.split_examples(device_batch(dataset, batch_indices, augmentation, cfg.shift), mesh)
+    return train_step(state, batch, graphdef, tx, cfg)
 
 
 def preprocess(images_u8: jax.Array) -> jax.Array:
@@ -57,10 +100,17 @@ def preprocess(images_u8: jax.Array) -> jax.Array:
     return ((images_u8.astype(float) / 255.0 - D.MEAN) / D.STD)[..., None]
 
 
-def translate(images_u8: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
-    """Moves each image by its offset: zero-pad by max_shift, crop 28x28 at `shifts` (n, 2)."""
+def augment(images_u8: jax.Array, augmentation: jax.Array, max_shift: int) -> jax.Array:
+    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
+    if augmentation.shape[-1] == 2:
+        return translate(images_u8, augmentation, max_shift)
+    return warp(images_u8, augmentation, max_shift)
+
+
+def translate(images_u8: jax.Array, offsets: jax.Array, max_shift: int) -> jax.Array:
+    """Moves each image by its offset: zero-pad by max_shift, crop 28x28 at `offsets` (n, 2)."""
     padded = jnp.pad(images_u8, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    return jax.vmap(lambda im, s: jax.lax.dynamic_slice(im, (s[0], s[1]), (28, 28)))(padded, shifts)
+    return jax.vmap(lambda im, s: jax.lax.dynamic_slice(im, (s[0], s[1]), (28, 28)))(padded, offsets)
 
 
 def warp(images_u8: jax.Array, params: jax.Array, max_shift: int) -> jax.Array:
@@ -80,122 +130,27 @@ def warp(images_u8: jax.Array, params: jax.Array, max_shift: int) -> jax.Array:
     return jax.vmap(one)(images_u8.astype(float), params.astype(float))
 
 
-def augment(images_u8: jax.Array, shifts: jax.Array, max_shift: int) -> jax.Array:
-    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
-    return translate(images_u8, shifts, max_shift) if shifts.shape[-1] == 2 else warp(images_u8, shifts, max_shift)
+# --- the optimizer, evaluation, the compilation cache ------------------------------------------
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
-    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-    return optax.softmax_cross_entropy(logits, optax.smooth_labels(one_hot, smoothing) if smoothing else one_hot)
+def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
+    xs, ys = lr_knots(cfg, total_steps)
+    pieces = [optax.linear_schedule(ys[i], ys[i + 1], xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+    schedule = optax.join_schedules(pieces, xs[1:-1])
+    # Optax divides its int32 step counter in float32, even under jax_enable_x64; a float counter
+    # gives the same float32 values and exact float64 ones for the float64 parity check.
+    return lambda count: schedule(jnp.asarray(count, float))
 
 
-def loss_fn(model: SumNet, images: jax.Array, numbers: jax.Array, labels: jax.Array,
-            smoothing: float = 0.0, sum_weight: float = 1.0) -> jax.Array:
-    """Mean over the batch of CE(digit) + sum_weight * CE(sum)."""
-    digit_logits, sum_logits = model(images, numbers)
-    digit_ce = cross_entropy(digit_logits, labels, smoothing)
-    sum_ce = cross_entropy(sum_logits, labels + numbers, smoothing)
-    return (digit_ce + sum_weight * sum_ce).mean()
-
-
-def bf16_loss_of(graphdef: nnx.GraphDef, params, images: jax.Array, numbers: jax.Array, labels: jax.Array,
-                 smoothing: float, sum_weight: float) -> jax.Array:
-    """loss_fn computed in bfloat16: parameters and images cast to bfloat16 here (the gradient
-    flows back through the cast to the float32 parameters), logits cast back to float32 so the
-    softmax, the cross-entropy and the mean are float32."""
-    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-    model = nnx.merge(graphdef, bf16)
-
-    def model_f32_logits(images, numbers):
-        return tuple(logits.astype(jnp.float32) for logits in model(images.astype(jnp.bfloat16), numbers))
-
-    return loss_fn(model_f32_logits, images, numbers, labels, smoothing, sum_weight)
-
-
-def mark_diverged(params, losses: jax.Array) -> jax.Array:
-    """Sets the last loss to NaN if any parameter is not finite, so the training loop stops.
-
-    YNNPACK's max and relu can turn NaN into a number, so a diverged step may still show a finite
-    loss. A NaN or inf gradient does reach the parameters through Adam (inf / inf is NaN) and
-    stays there, so one look at the parameters per call finds it. Checking every step's
-    gradients instead cost a visible share of the step; this costs nothing measurable (benchmarks/README.md,
-    row "guard against NaN")."""
-    finite = jnp.all(jnp.array([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
-    return losses.at[-1].set(jnp.where(finite, losses[-1], jnp.nan))
-
-
-LOOPS = ("unroll", "scan")
-
-
-def default_loop() -> str:
-    """How one compiled call runs its k steps on this backend. Unrolled on the CPU, where XLA's
-    convolutions slow down inside loop bodies (benchmarks/README.md, row "`lax.scan` over
-    steps"); elsewhere a `lax.scan`, which compiles one step whatever k, so a whole epoch fits
-    in one call. The benchmark measures both on an accelerator (train_step, train_step_unrolled)."""
-    return "unroll" if jax.default_backend() == "cpu" else "scan"
-
-
-def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, loop: str | None = None) -> Callable:
-    """Returns train(state, dataset, batch_indices (k, b), shifts (k, b, 2) | None) -> (state, losses (k,)),
-    compiled once per k, its steps unrolled or in a `lax.scan` (`loop`; None: `default_loop()`).
-
-    The model is split once into a static graphdef and a pytree of arrays, so the compiled
-    function sees plain pytrees (no per-call NNX graph traversal), and `state` is donated so
-    XLA updates parameters and Adam moments in place.
-
-    Data parallelism over `mesh` (one device or many): the caller passes the state and dataset
-    replicated and the indices and offsets split along the batch (jax_impl/distributed.py); each
-    device computes its share of the batch, and XLA inserts the all-reduce that makes the mean
-    loss and its gradient global. The state comes back replicated, the update identical on
-    every device.
-    """
-    loop = loop or default_loop()
-    if loop not in LOOPS:
-        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
-    examples = distributed.batch_sharding(mesh, 0)
-
-    def one_step(state: State, dataset: dict, idx: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
-        images = dataset["images"][idx]
-        if shifts is not None:
-            images = augment(images, shifts, cfg.shift)
-        images = preprocess(images)
-        numbers, labels = dataset["numbers"][idx], dataset["labels"][idx]
-        # Keep the activations split by example (XLA would infer it; this pins it).
-        images, numbers, labels = (jax.lax.with_sharding_constraint(a, examples) for a in (images, numbers, labels))
-
-        def loss_of(params):
-            if cfg.precision == "bf16":
-                return bf16_loss_of(graphdef, params, images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
-            return loss_fn(nnx.merge(graphdef, params), images, numbers, labels, cfg.label_smoothing, cfg.sum_weight)
-
-        loss, grads = jax.value_and_grad(loss_of)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
-
-    # On a CPU, XLA hands the step's convolutions and elementwise work to YNNPACK (cpu_speed.py;
-    # benchmarks/README.md, row "**YNNPACK**"); elsewhere no options.
-    # The new state and the losses: on every device.
-    @partial(jax.jit, donate_argnums=0, compiler_options=compiler_options(), out_shardings=distributed.replicated(mesh))
-    def train(state: State, dataset: dict, batch_indices: jax.Array, shifts: jax.Array | None) -> tuple[State, jax.Array]:
-        if loop == "scan":
-            state, losses = jax.lax.scan(lambda s, xs: one_step(s, dataset, *xs), state, (batch_indices, shifts))
-        else:
-            losses = []
-            for k in range(batch_indices.shape[0]):
-                state, loss = one_step(state, dataset, batch_indices[k], None if shifts is None else shifts[k])
-                losses.append(loss)
-            losses = jnp.stack(losses)
-        return state, mark_diverged(state["params"], losses)
-
-    return train
+def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
 
 
 def make_predict(graphdef: nnx.GraphDef, chunk: int = 1000) -> Callable:
-    """Returns predict(params, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any n."""
+    """Returns predict(params, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any n.
+    The chunk bounds the activations' memory, which is a run's peak (docs/speed.md, "Memory")."""
 
-    @partial(jax.jit, compiler_options=compiler_options())
+    @partial(jax.jit, compiler_options=speed.compiler_options())
     def logits(params, images_u8, numbers):
         return nnx.merge(graphdef, params)(preprocess(images_u8), numbers)
 
@@ -215,22 +170,35 @@ def init_model(cfg: Config) -> SumNet:
     return SumNet(cfg, nnx.Rngs(cfg.seed))
 
 
+def enable_compile_cache(enabled: bool = True) -> str | None:
+    """JAX's persistent compilation cache in the user cache folder: a later process start loads
+    the compiled train step instead of compiling it again. Off with enabled=False or with
+    MNIST_SUM_NO_COMPILE_CACHE=1. Returns the folder (None: off)."""
+    if not enabled or os.environ.get("MNIST_SUM_NO_COMPILE_CACHE"):
+        return None
+    folder = D.cache_dir() / "jax-compile-cache"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # predict's small programs too
+    return str(folder)
+
+
 def environment() -> dict:
     import flax
 
     return {"framework": "jax", "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "device_name": jax.devices()[0].device_kind, "runs_on_calling_thread": runs_on_calling_thread(),
+            "device_name": jax.devices()[0].device_kind, "runs_on_calling_thread": speed.runs_on_calling_thread(),
             "compile_cache": jax.config.jax_compilation_cache_dir}  # None: off
 
 
 class JaxTrainer:
-    """The JAX side of `common.loop.Trainer`: state on the device, one compiled step."""
+    """The JAX side of `common.loop.Trainer`: state and training set on the device, several steps
+    per compiled call."""
 
     def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None,
                  loop: str | None = None):
-        """`loop`: how a compiled call runs its steps (`make_train_step`); None: this backend's default."""
-        self._compile_mark = COMPILE_CLOCK.total
+        """`loop`: how a compiled call runs its steps (`speed.compile_steps`); None: this backend's default."""
+        self._compile_mark = speed.COMPILE_CLOCK.total
         self.mesh = distributed.data_mesh(cfg)
         graphdef, params = nnx.split(init_model(cfg))
         self.tx = make_optimizer(cfg, total_steps)
@@ -239,24 +207,26 @@ class JaxTrainer:
         self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
                                               "numbers": train_split.numbers}, self.mesh)
         self.steps_per_call = steps_per_call(cfg, on_cpu=jax.default_backend() == "cpu")
-        # Trains at once on a cold start, fusing steps once that program is compiled (warm_start.py).
-        self._train = FusedWhenReady(make_train_step(cfg, graphdef, self.tx, self.mesh, loop), self.steps_per_call,
-                                     self.place_batch, background=jax.process_count() == 1)
+        step = partial(step_on_indices, cfg=cfg, graphdef=graphdef, tx=self.tx, mesh=self.mesh)
+        self._train = speed.fused_steps(step, distributed.replicated(self.mesh), self.steps_per_call, self.place_batch,
+                                        loop, background=jax.process_count() == 1)
         self._predict = make_predict(graphdef)
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
 
-    def place_batch(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> tuple[jax.Array, jax.Array | None]:
-        """Indices (k, b) and augmentation (k, b, 2 or 4) as the step takes them: split along b over the
-        mesh (each process sends its slice)."""
-        return distributed.shard(batch_indices, self.mesh), None if shifts is None else distributed.shard(shifts, self.mesh)
+    def place_batch(self, batch_indices: np.ndarray,
+                    augmentation: np.ndarray | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """Indices (k, b) and augmentation (k, b, 2 or 4) as the step takes them: split along b over
+        the mesh (each process sends its slice)."""
+        placed = None if augmentation is None else distributed.shard(augmentation, self.mesh)
+        return distributed.shard(batch_indices, self.mesh), placed
 
-    def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
-        self.state, losses = self._train(self.state, self.dataset, batch_indices, shifts)
+    def train_steps(self, batch_indices: np.ndarray, augmentation: np.ndarray | None = None) -> np.ndarray:
+        self.state, losses = self._train(self.state, self.dataset, batch_indices, augmentation)
         return np.asarray(losses)
 
-    def compiled_call(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None):
+    def compiled_call(self, batch_indices: np.ndarray, augmentation: np.ndarray | None = None):
         """The compiled program of one call over these batches (XLA's cost and memory analysis)."""
-        return self._train.compiled(self.state, self.dataset, batch_indices, shifts)
+        return self._train.compiled(self.state, self.dataset, batch_indices, augmentation)
 
     def wait_until_compiled(self) -> None:
         """Blocks until the fused program compiling in the background is ready (for timing)."""
@@ -265,7 +235,7 @@ class JaxTrainer:
     def compile_seconds(self) -> float:
         """Seconds spent compiling, in any thread, since the previous call (or since the trainer
         was made): metrics.jsonl's compile_time_s."""
-        previous, self._compile_mark = self._compile_mark, COMPILE_CLOCK.total
+        previous, self._compile_mark = self._compile_mark, speed.COMPILE_CLOCK.total
         return self._compile_mark - previous
 
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +263,7 @@ class JaxTrainer:
 
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
-    tune_cpu_process()  # before JAX starts; nothing where it will compute on a GPU
+    speed.tune_cpu_process()  # before JAX starts; nothing where it will compute on a GPU
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
     if cfg.device != "auto":  # PyTorch's flag; JAX chooses its backend itself

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import numpy as np  # noqa: E402
 
-from common.cli import UserError, run_main  # noqa: E402
+from common.cli import run_main  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.config import ACCELERATOR_STEPS_PER_CALL, PRESETS  # noqa: E402
 
 SUITES = {
@@ -93,7 +94,7 @@ def make_trainer(framework: str, variant: str, cfg, train, total_steps: int = 10
 
 def warm_up(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> None:
     """One call, then waits for JAX's fused program if it compiles in the background
-    (jax_impl/warm_start.py), so that every timed call runs the program it is timed for."""
+    (jax_impl/speed.py), so that every timed call runs the program it is timed for."""
     trainer.train_steps(batch_indices, shifts)
     getattr(trainer, "wait_until_compiled", lambda: None)()  # JAX only
 
@@ -620,9 +621,9 @@ def start_frameworks(device: str):
     (torch device, suite, whether malloc keeps freed memory)."""
     import jax
 
-    from common.config import ConfigError
+    from common.errors import ConfigError
     from common.malloc import keep_freed_memory
-    from jax_impl.cpu_speed import tune_cpu_process
+    from jax_impl.speed import tune_cpu_process
 
     tuned = tune_cpu_process()  # where JAX computes on the CPU: the training scripts' settings
     jax.devices()
@@ -673,7 +674,7 @@ def main() -> None:
 
     from common.config import Config
     from common.loop import load_splits
-    from jax_impl.cpu_speed import runs_on_calling_thread
+    from jax_impl.speed import runs_on_calling_thread
 
     train, _ = load_splits(Config())
     big = suite == "accelerator" and not args.quick

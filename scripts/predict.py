@@ -33,7 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from common import data as D  # noqa: E402
-from common.cli import UserError, run_main  # noqa: E402
+from common import tfds_mnist  # noqa: E402
+from common.cli import run_main  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.config import TORCH_DEVICES, OneLineParser  # noqa: E402
 from common.images import ImageError, images_in, load_image  # noqa: E402
 from common.predictor import Run, load_predictor, read_run  # noqa: E402
@@ -124,7 +126,7 @@ def image_examples(paths: list[str], numbers: list[int], strict: bool) -> list[E
 
 def mnist_test_examples(indices: list[int], numbers: list[int] | None, data_dir: str | None, run: Run) -> list[Example]:
     if data_dir is None and run.config.data_source == "tfds":  # where the run read MNIST from
-        arrays = D.load_arrays("tfds", None, run.config.tfds_data_dir)
+        arrays = tfds_mnist.load_mnist(run.config.tfds_data_dir)
         images, labels = arrays["test_images"], arrays["test_labels"]
     else:
         if data_dir is None:  # the folder the run trained from, if it is still there

@@ -16,7 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import UserError, os_error_line, run_main  # noqa: E402
+from common.cli import run_main  # noqa: E402
+from common.errors import UserError, os_error_line  # noqa: E402
 from common.config import RECIPE_FIELDS, OneLineParser, read_saved_run  # noqa: E402
 from common.runlog import METRIC_KEYS, is_number, read_metrics  # noqa: E402
 

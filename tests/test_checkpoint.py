@@ -23,9 +23,9 @@ import pytest
 import torch
 from flax import nnx
 
-from common.cli import UserError
+from common.errors import CheckpointError, UserError
 from common.config import ADDED_LATER, Config
-from common.integrity import MANIFEST, CheckpointError
+from common.integrity import MANIFEST
 from jax_impl import checkpoint as jax_checkpoint
 from jax_impl.train import init_model, make_optimizer
 from torch_ref import checkpoint as torch_checkpoint

@@ -126,7 +126,7 @@ def test_rotation_and_scaling_are_seeded_within_their_ranges_and_keep_the_crop_o
     batches, aug = epoch_plan(cfg, 1000, epoch=1)
     assert aug.shape == (*batches.shape, 4) and aug.dtype == np.float32
     # the crop offsets are those of translation alone: --rotate and --scale add to it, not redraw it
-    np.testing.assert_array_equal(aug[..., :2], D.epoch_shifts(*batches.shape, 2, seed=3, epoch=1))
+    np.testing.assert_array_equal(aug[..., :2], D.epoch_offsets(*batches.shape, 2, seed=3, epoch=1))
     angles, scales = np.rad2deg(aug[..., 2]), aug[..., 3]
     assert -15 <= angles.min() < -14 and 14 < angles.max() <= 15
     assert 0.9 <= scales.min() < 0.91 and 1.09 < scales.max() <= 1.1

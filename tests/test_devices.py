@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from common import data as D
-from common.config import Config, ConfigError
+from common.config import Config
+from common.errors import ConfigError
 from common.loop import epoch_plan
-from jax_impl import cpu_speed
+from jax_impl import speed
 from jax_impl import train as jtrain
-from jax_impl.warm_start import FusedWhenReady
 from parity_tests import parity as P
 from torch_ref import train as ttrain
 
@@ -140,10 +140,10 @@ def test_steps_in_a_scan_train_as_the_unrolled_steps(splits):
     batches, shifts = epoch_plan(SMALL, len(split), 1)
     cfg = replace(SMALL, steps_per_call=2)
     runs = {}
-    for loop in jtrain.LOOPS:
+    for loop in speed.LOOPS:
         trainer = jtrain.JaxTrainer(cfg, split, total_steps=10, loop=loop)
         with P.exact_float32():  # a GPU's TF32 would swamp the comparison
-            trainer.train_steps(batches[:2], shifts[:2])  # the fused program compiles meanwhile (warm_start.py)
+            trainer.train_steps(batches[:2], shifts[:2])  # the fused program compiles meanwhile (speed.py)
             trainer.wait_until_compiled()
             losses = trainer.train_steps(batches[2:4], shifts[2:4])
         runs[loop] = losses, jax.tree.leaves(trainer.state["params"])
@@ -151,9 +151,9 @@ def test_steps_in_a_scan_train_as_the_unrolled_steps(splits):
     np.testing.assert_allclose(runs["scan"][0], runs["unroll"][0], rtol=1e-6)
     for a, b in zip(runs["scan"][1], runs["unroll"][1]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert jtrain.default_loop() == ("unroll" if jax.default_backend() == "cpu" else "scan")
+    assert speed.default_loop() == ("unroll" if jax.default_backend() == "cpu" else "scan")
     with pytest.raises(ValueError, match="loop"):
-        jtrain.make_train_step(SMALL, None, None, None, loop="while")
+        speed.compile_steps(None, None, loop="while")
 
 
 def test_the_background_compile_keeps_float64(splits):
@@ -181,7 +181,7 @@ def test_the_background_compile_traces_with_the_callers_settings():
         seen.append((jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision))
         return state, jnp.zeros(idx.shape[0])
 
-    fused = FusedWhenReady(train, 2, lambda idx, shifts: (jnp.asarray(idx), None))
+    fused = speed.FusedWhenReady(train, 2, lambda idx, shifts: (jnp.asarray(idx), None))
     with jax.enable_x64(True), jax.default_matmul_precision("highest"):
         fused(jnp.zeros(2), None, np.zeros((2, 3), np.int32), None)  # one step at a time while the fused one compiles
         fused.wait_until_compiled()
@@ -191,25 +191,25 @@ def test_the_background_compile_traces_with_the_callers_settings():
 
 def test_cpu_settings_stay_off_other_backends(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert cpu_speed.compiler_options() == {}
-    assert not cpu_speed.runs_on_calling_thread()
-    assert jtrain.default_loop() == "scan"
-    monkeypatch.setattr(cpu_speed, "cpu_will_compute", lambda: False)
+    assert speed.compiler_options() == {}
+    assert not speed.runs_on_calling_thread()
+    assert speed.default_loop() == "scan"
+    monkeypatch.setattr(speed, "cpu_will_compute", lambda: False)
     applied = []
-    monkeypatch.setattr(cpu_speed, "keep_freed_memory", lambda: applied.append("malloc"))
-    monkeypatch.setattr(cpu_speed, "run_on_calling_thread", lambda: applied.append("thread"))
-    assert cpu_speed.tune_cpu_process() is False and applied == []
-    monkeypatch.setattr(cpu_speed, "cpu_will_compute", lambda: True)
-    assert cpu_speed.tune_cpu_process() is True and applied == ["thread", "malloc"]
+    monkeypatch.setattr(speed, "keep_freed_memory", lambda: applied.append("malloc"))
+    monkeypatch.setattr(speed, "run_on_calling_thread", lambda: applied.append("thread"))
+    assert speed.tune_cpu_process() is False and applied == []
+    monkeypatch.setattr(speed, "cpu_will_compute", lambda: True)
+    assert speed.tune_cpu_process() is True and applied == ["thread", "malloc"]
 
 
 def test_jax_platforms_decides_before_jax_starts():
     before = jax.config.jax_platforms
     try:
         jax.config.update("jax_platforms", "cuda,cpu")  # read only when JAX starts, which it has here
-        assert not cpu_speed.cpu_will_compute()
+        assert not speed.cpu_will_compute()
         jax.config.update("jax_platforms", "cpu")
-        assert cpu_speed.cpu_will_compute()
+        assert speed.cpu_will_compute()
     finally:
         jax.config.update("jax_platforms", before)
 

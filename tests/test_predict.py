@@ -24,8 +24,9 @@ import pytest
 from PIL import Image
 
 from common import plots
-from common.cli import UserError
-from common.config import ADDED_LATER, CONFIG_FORMAT, Config, ConfigError
+from common.errors import UserError
+from common.config import ADDED_LATER, CONFIG_FORMAT, Config
+from common.errors import ConfigError
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
 from common.predictor import load_predictor, read_run
 from jax_impl.predictor import MAX_BATCH, MIN_BATCH, padded_size

@@ -190,8 +190,9 @@ def failing(self, metrics):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
     log_epoch(self, metrics)
 runlog.RunLog.log_epoch = failing
-from common.cli import train_main
-train_main("jax_impl.train", "", sys.argv[1:])
+from common.cli import run_main
+from scripts.train_jax import main
+run_main(lambda: main(sys.argv[1:]))
 """
 
 

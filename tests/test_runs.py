@@ -117,8 +117,9 @@ def load_then_signal(cfg):
     signal.raise_signal(signal.SIGINT)
     return splits
 loop.load_splits = load_then_signal
-from common.cli import train_main
-train_main("jax_impl.train", "", sys.argv[1:])
+from common.cli import run_main
+from scripts.train_jax import main
+run_main(lambda: main(sys.argv[1:]))
 """
 
 

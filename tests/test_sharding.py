@@ -55,7 +55,7 @@ def child(subset: Path, devices: list[int]) -> None:
     with np.load(subset) as f:
         split = D.Split(f["images"], f["labels"], f["numbers"])
     batches = D.epoch_batches(len(split), SMALL.batch_size, SMALL.seed, 1)[:STEPS]
-    shifts = D.epoch_shifts(STEPS, SMALL.batch_size, SMALL.shift, SMALL.seed, 1)
+    shifts = D.epoch_offsets(STEPS, SMALL.batch_size, SMALL.shift, SMALL.seed, 1)
     runs = {}
     for n in devices:
         trainer = T.JaxTrainer(replace(SMALL, devices=n), split, total_steps=STEPS)
@@ -146,7 +146,7 @@ def test_bf16_trains_close_to_fp32(splits):
     cfg = replace(Config(), epochs=1)
     steps = 30
     batches = D.epoch_batches(len(train), cfg.batch_size, cfg.seed, 1)[:steps]
-    shifts = D.epoch_shifts(steps, cfg.batch_size, cfg.shift, cfg.seed, 1)
+    shifts = D.epoch_offsets(steps, cfg.batch_size, cfg.shift, cfg.seed, 1)
     losses = {}
     for precision in ("fp32", "bf16"):
         trainer = T.JaxTrainer(replace(cfg, precision=precision), train, total_steps=steps)

@@ -19,6 +19,7 @@ import pytest
 
 from common import data as D
 from common import tfds_mnist as T
+from common.loop import load_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shared data's README, independent of our own checksums.
@@ -78,19 +79,19 @@ def test_examples_that_are_not_mnist_are_refused_in_one_line(mnist_arrays, kind)
 
 
 def test_the_idx_source_is_the_idx_reader(mnist_dir, mnist_arrays):
-    assert_idx_arrays(D.load_arrays("idx", str(mnist_dir), None), mnist_arrays)
+    assert_idx_arrays(load_arrays("idx", str(mnist_dir), None), mnist_arrays)
 
 
 def test_without_tfds_installed_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import tensorflow_datasets` now fails
     with pytest.raises(D.DataError, match=r"pip install -e '\.\[tfds\]'") as err:
-        D.load_arrays("tfds", None, None)
+        load_arrays("tfds", None, None)
     assert "\n" not in str(err.value)
 
 
 def test_an_unknown_source_is_a_data_error():
     with pytest.raises(D.DataError, match="idx or tfds"):
-        D.load_arrays("csv", None, None)
+        load_arrays("csv", None, None)
 
 
 # --- the real TFDS builder, prepared offline (needs TensorFlow) --------------
@@ -165,7 +166,7 @@ def test_tfds_holds_the_idx_examples_in_another_order(tfds_copies, mnist_arrays,
 def test_array_record_reads_without_tensorflow_from_tfds_default_dir(tfds_copies, mnist_arrays, tmp_path):
     out = tmp_path / "arrays.npz"
     done = run_without_tensorflow(
-        "import numpy as np; from common import data as D; np.savez(sys.argv[1], **D.load_arrays('tfds', None, None))",
+        "import numpy as np; from common.loop import load_arrays; np.savez(sys.argv[1], **load_arrays('tfds', None, None))",
         str(out), TFDS_DATA_DIR=str(tfds_copies["array_record"]))  # TFDS's own default: no --tfds-data-dir
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out) as arrays:
@@ -174,12 +175,12 @@ def test_array_record_reads_without_tensorflow_from_tfds_default_dir(tfds_copies
 
 @pytest.mark.tfds
 def test_tfrecord_reads_into_the_idx_arrays(tfds_copies, mnist_arrays):
-    assert_idx_arrays(D.load_arrays("tfds", None, str(tfds_copies["tfrecord"])), mnist_arrays)
+    assert_idx_arrays(load_arrays("tfds", None, str(tfds_copies["tfrecord"])), mnist_arrays)
 
 
 @pytest.mark.tfds
 def test_tfrecord_without_tensorflow_says_so_in_one_line(tfds_copies):
-    code = "from common import data as D\ntry:\n    D.load_arrays('tfds', None, sys.argv[1])\nexcept D.DataError as e:\n    print(e)"
+    code = "from common import data as D\nfrom common.loop import load_arrays\ntry:\n    load_arrays('tfds', None, sys.argv[1])\nexcept D.DataError as e:\n    print(e)"
     done = run_without_tensorflow(code, str(tfds_copies["tfrecord"]))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stored as tfrecord, which only TensorFlow reads" in done.stdout and done.stdout.count("\n") == 1
@@ -188,5 +189,5 @@ def test_tfrecord_without_tensorflow_says_so_in_one_line(tfds_copies):
 @pytest.mark.tfds
 def test_a_folder_without_a_prepared_mnist_is_a_one_line_error(tmp_path):
     with pytest.raises(D.DataError, match="no prepared TFDS mnist") as err:
-        D.load_arrays("tfds", None, str(tmp_path))
+        load_arrays("tfds", None, str(tmp_path))
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)

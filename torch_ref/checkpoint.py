@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from common.cli import first_line
-from common.integrity import CheckpointError, require_same_shapes, sha256_bytes, write_atomically
+from common.errors import CheckpointError, first_line
+from common.integrity import require_same_shapes, sha256_bytes, write_atomically
 
 FILE = "checkpoint.pt"
 # The layout of what torch.save writes, saved in it ("format"; none: 0, the versions before,

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from common import data as D
-from common.config import Config, ConfigError, steps_per_call
+from common.config import Config, steps_per_call
+from common.errors import ConfigError
 from common.loop import run_training
 from common.malloc import keep_freed_memory
 from common.schedule import lr_at, lr_knots
@@ -42,13 +43,13 @@ def preprocess(images_u8: torch.Tensor) -> torch.Tensor:
     return ((images_u8.to(torch.get_default_dtype()) / 255.0 - D.MEAN) / D.STD).unsqueeze(1)
 
 
-def translate(images_u8: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Moves each image by its offset: zero-pad by max_shift, crop 28x28 at `shifts` (n, 2)."""
+def translate(images_u8: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Moves each image by its offset: zero-pad by max_shift, crop 28x28 at `offsets` (n, 2)."""
     padded = F.pad(images_u8, (max_shift,) * 4)
     grid = torch.arange(28, device=images_u8.device)
-    rows = (shifts[:, 0, None] + grid)[:, :, None]
-    cols = (shifts[:, 1, None] + grid)[:, None, :]
-    return padded[torch.arange(len(shifts), device=images_u8.device)[:, None, None], rows, cols]
+    rows = (offsets[:, 0, None] + grid)[:, :, None]
+    cols = (offsets[:, 1, None] + grid)[:, None, :]
+    return padded[torch.arange(len(offsets), device=images_u8.device)[:, None, None], rows, cols]
 
 
 def warp(images_u8: torch.Tensor, params: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -65,9 +66,11 @@ def warp(images_u8: torch.Tensor, params: torch.Tensor, max_shift: int) -> torch
     return F.grid_sample(images, xy, mode="bilinear", padding_mode="zeros", align_corners=True).squeeze(1)
 
 
-def augment(images_u8: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
+def augment(images_u8: torch.Tensor, augmentation: torch.Tensor, max_shift: int) -> torch.Tensor:
     """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
-    return translate(images_u8, shifts, max_shift) if shifts.shape[-1] == 2 else warp(images_u8, shifts, max_shift)
+    if augmentation.shape[-1] == 2:
+        return translate(images_u8, augmentation, max_shift)
+    return warp(images_u8, augmentation, max_shift)
 
 
 def loss_fn(model: SumNet, images: torch.Tensor, numbers: torch.Tensor, labels: torch.Tensor,
@@ -126,25 +129,26 @@ class TorchTrainer:
         self.compile_mode = compile_mode
         self._forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode, dynamic=False)
 
-    def batch_images(self, idx: torch.Tensor, shifts: torch.Tensor | None) -> torch.Tensor:
+    def batch_images(self, idx: torch.Tensor, augmentation: torch.Tensor | None) -> torch.Tensor:
         """The images (b, 28, 28) of one batch as the step sees them (uint8; float pixels when
         warped): indices (b,) and crop offsets (b, 2) or warps (b, 4) on the device, gathered
         and augmented there."""
         images = self.images[idx]
-        return images if shifts is None else augment(images, shifts, self.cfg.shift)
+        return images if augmentation is None else augment(images, augmentation, self.cfg.shift)
 
-    def train_steps(self, batch_indices: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
+    def train_steps(self, batch_indices: np.ndarray, augmentation: np.ndarray | None = None) -> np.ndarray:
         # One copy of the chunk's indices and offsets to the device and one read of its losses, as
         # JAX's compiled call: nothing inside a chunk waits for the device.
         idx = torch.from_numpy(batch_indices).to(self.device, torch.long)
-        offsets = None if shifts is None else torch.from_numpy(shifts).to(self.device)  # int32 crops index as they are
+        # int32 crop offsets index as they are
+        placed = None if augmentation is None else torch.from_numpy(augmentation).to(self.device)
         losses = []
         self.model.train()
         for k in range(len(idx)):
             if self.compile_mode == "reduce-overhead":  # a new step: the CUDA graphs may reuse the last one's memory
                 torch.compiler.cudagraph_mark_step_begin()
             self.opt.zero_grad(set_to_none=True)
-            images = self.batch_images(idx[k], None if offsets is None else offsets[k])
+            images = self.batch_images(idx[k], None if placed is None else placed[k])
             loss = loss_fn(self._forward, preprocess(images), self.numbers[idx[k]], self.labels[idx[k]],
                            self.cfg.label_smoothing, self.cfg.sum_weight)
             loss.backward()
@@ -166,6 +170,14 @@ class TorchTrainer:
         if self.run_dir is None:
             return None
         return checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched)
+
+    def compile_seconds(self) -> None:
+        """Not measured: eager PyTorch compiles nothing, and torch.compile's time falls inside the
+        first steps."""
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def run(cfg: Config) -> list[dict]:
