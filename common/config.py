@@ -211,12 +211,6 @@ def preset_defaults(argv: list[str] | None) -> Config:
     return dataclasses.replace(Config(), preset=name, **PRESETS[name])
 
 
-def parse_config(argv: list[str] | None, description: str) -> Config:
-    """Flags over the chosen --preset over the dataclass defaults (no --resume handling)."""
-    cfg, _ = _parse(argv, description)
-    return cfg
-
-
 def _parse(argv: list[str] | None, description: str) -> tuple[Config, dict]:
     defaults = preset_defaults(argv)
     given = vars(build_parser(description, defaults).parse_args(argv))

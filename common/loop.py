@@ -36,11 +36,11 @@ class Trainer(Protocol):
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(digit logits, sum logits) for uint8 images and their numbers."""
 
-    def save(self, global_step: int, position: dict) -> None:
-        """Checkpoints the training state with `position` (JSON) beside it; returns once the
-        checkpoint is committed. A failed write leaves no partial files and raises its OSError."""
+    def save(self, global_step: int, position: "Position") -> None:
+        """Checkpoints the training state with `position` beside it (`Position.to_json`); returns
+        once the checkpoint is committed. A failed write leaves no partial files and raises its OSError."""
 
-    def restore(self) -> dict | None:
+    def restore(self) -> "Position | None":
         """Loads the latest checkpoint into the trainer; returns its position (None: there is none)."""
 
     def compile_seconds(self) -> float | None:
@@ -91,7 +91,7 @@ class Checkpoints:
 
     def save(self, global_step: int, position: Position) -> None:
         try:
-            self.trainer.save(global_step, position.to_json())
+            self.trainer.save(global_step, position)
         except OSError as e:
             raise RunFailed(f"could not save {position.describe()}: {os_error_line(e, self.run_dir)}; "
                             f"{self.kept()}; fix that, then --resume {self.run_dir}") from None
@@ -132,10 +132,9 @@ class EpochLoop:
         checkpoint are dropped (they are redone). An epoch is logged only after its checkpoint is
         committed, so a log line lost between the two is written now, from the metrics the
         checkpoint carries."""
-        restored = self.trainer.restore() if resume else None
-        if restored is None:
+        position = self.trainer.restore() if resume else None
+        if position is None:
             return Position()
-        position = Position.from_json(restored)
         self.checkpoints = Checkpoints(self.trainer, self.log.dir, position)
         done = position.epoch - 1
         self.log.truncate(done)

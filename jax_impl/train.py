@@ -19,7 +19,7 @@ from flax import nnx
 
 from common import data as D
 from common.config import Config, steps_per_call
-from common.loop import run_training
+from common.loop import Position, run_training
 from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed, speed
 from jax_impl.model import SumNet
@@ -243,17 +243,17 @@ class JaxTrainer:
         whatever the mesh and the precision of training."""
         return self._predict(distributed.local_copy(self.state["params"]), images, numbers)
 
-    def save(self, global_step: int, position: dict) -> None:
+    def save(self, global_step: int, position: Position) -> None:
         """Blocks until the checkpoint is complete (jax_impl/checkpoint.py: errors, refusals)."""
         if self.ckpt:
-            checkpoint.save(self.ckpt, global_step, self.state, position)
+            checkpoint.save(self.ckpt, global_step, self.state, position.to_json())
 
-    def restore(self) -> dict | None:
+    def restore(self) -> Position | None:
         restored = checkpoint.restore(self.ckpt, self.state) if self.ckpt else None
         if restored is None:
             return None
         self.state, position = restored
-        return position
+        return Position.from_json(position)
 
     def close(self) -> None:
         self._train.close()

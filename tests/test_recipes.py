@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from common import data as D
-from common.config import DESIGNS, MAX_HOLDOUT_PAIRS, PRESETS, Config, parse_config
+from common.config import DESIGNS, MAX_HOLDOUT_PAIRS, PRESETS, Config, resolve
 from common.loop import load_splits, run_training
 from common.metrics import score
 from jax_impl.model import NumberLine
@@ -61,13 +61,13 @@ def test_sum_accuracy_is_split_into_seen_and_unseen_pairs():
 
 def test_a_preset_sets_defaults_and_flags_still_win():
     for name, overrides in PRESETS.items():
-        cfg = parse_config(["--preset", name], "test")
+        cfg = resolve(["--preset", name], "test")
         assert cfg.preset == name
         for field, value in overrides.items():
             assert getattr(cfg, field) == value
-    fast = parse_config(["--preset", "fast", "--epochs", "7"], "test")
+    fast = resolve(["--preset", "fast", "--epochs", "7"], "test")
     assert fast.epochs == 7 and fast.preset == "fast"
-    assert parse_config([], "test") == Config()
+    assert resolve([], "test") == Config()
 
 
 def test_holdout_run_reports_unseen_pairs(tmp_path, mnist_dir):

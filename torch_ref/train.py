@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from common import data as D
 from common.config import Config, steps_per_call
 from common.errors import ConfigError
-from common.loop import run_training
+from common.loop import Position, run_training
 from common.malloc import keep_freed_memory
 from common.schedule import lr_at, lr_knots
 from torch_ref import checkpoint
@@ -161,15 +161,17 @@ class TorchTrainer:
         self.model.eval()
         return predict_logits(self.model, images, numbers, chunk)
 
-    def save(self, global_step: int, position: dict) -> None:
+    def save(self, global_step: int, position: Position) -> None:
         """Blocks until the checkpoint is on disk (torch_ref/checkpoint.py: errors, refusals)."""
         if self.run_dir is not None:
-            checkpoint.save(self.run_dir / checkpoint.FILE, global_step, position, self.model, self.opt, self.sched)
+            checkpoint.save(self.run_dir / checkpoint.FILE, global_step, position.to_json(), self.model, self.opt,
+                            self.sched)
 
-    def restore(self) -> dict | None:
-        if self.run_dir is None:
-            return None
-        return checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched)
+    def restore(self) -> Position | None:
+        restored = None
+        if self.run_dir is not None:
+            restored = checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched)
+        return None if restored is None else Position.from_json(restored)
 
     def compile_seconds(self) -> None:
         """Not measured: eager PyTorch compiles nothing, and torch.compile's time falls inside the
