@@ -121,10 +121,10 @@ def pretrained_params(cfg: Config, train: D.Split, steps: int = PRETRAIN_STEPS) 
     return jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state["params"]))
 
 
-def trajectory_plan(cfg: Config, n_train: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first TRAJECTORY_STEPS batches (and crop offsets) of the real recipe's first epoch."""
+def trajectory_plan(cfg: Config, n_train: int, steps: int = TRAJECTORY_STEPS) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `steps` batches (and crop offsets) of the real recipe's first epoch."""
     batches, shifts = epoch_plan(cfg, n_train, 1)
-    return batches[:TRAJECTORY_STEPS], None if shifts is None else shifts[:TRAJECTORY_STEPS]
+    return batches[:steps], None if shifts is None else shifts[:steps]
 
 
 def warps(cfg: Config, images_u8: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -311,11 +311,12 @@ def structure(cfg: Config) -> dict:
 
 
 @exact_float32()
-def full_report(cfg: Config, train: D.Split, test: D.Split) -> dict:
-    """Checks 1-5 for one design; returns every measured figure."""
-    params = pretrained_params(cfg, train)
-    total = TRAJECTORY_STEPS
-    batches, shifts = trajectory_plan(cfg, len(train))
+def full_report(cfg: Config, train: D.Split, test: D.Split, pretrain_steps: int = PRETRAIN_STEPS,
+                total: int = TRAJECTORY_STEPS) -> dict:
+    """Checks 1-5 for one design; returns every measured figure. Fewer steps (the accelerator
+    check's CPU rehearsal) run the same checks on smaller logits and a shorter trajectory."""
+    params = pretrained_params(cfg, train, pretrain_steps)
+    batches, shifts = trajectory_plan(cfg, len(train), total)
     report = {"design": cfg.design}
     report.update(forward(cfg, train, params, test))
     report.update(loss_and_grads(Pair(cfg, train, params, total), train, batches[0]))

@@ -1,24 +1,30 @@
 """Benchmark JAX and PyTorch side by side, in one run, on the CPU or a GPU.
 
     python scripts/benchmark.py [--batch-sizes 32,128,512] [--steps N] [--device auto|cpu|cuda]
-                                [--json OUT] [--markdown OUT] [--quick]
+                                [--json OUT] [--markdown OUT] [--quick] [--part steps,training,starts]
 
 JAX runs on its default backend (a GPU when it has one; JAX_PLATFORMS respected), PyTorch on
 --device (auto: CUDA when PyTorch sees a GPU). Per path and batch size: the first call's time
 (compilation and warm-up) apart from the step times, which are the median and p10-p90 of timed
 calls that each end with a device synchronisation; images/s; GFLOP/s (FLOPs per step from XLA's
-cost analysis of the compiled JAX step; PyTorch runs the same math, so the same count is used
-for it) and its share of the measured ceilings; memory. Paths are measured in rounds that
-alternate between them, so machine noise hits all alike. Then each framework trains its
-fastest recipe for this kind of chip, epoch by epoch in turn, until 99.0% test digit and sum.
+cost analysis of one unrolled JAX step; PyTorch runs the same math, so the same count is used
+for it) and its share of the measured ceilings (random operands); memory; each row's float32
+precision (TF32 or not). Paths are measured in rounds that alternate between them, so machine
+noise hits all alike. Then each framework trains its fastest recipe for this kind of chip
+until 99.0% test digit and sum (on a CPU epoch by epoch in turn; on a GPU one run after the
+other, each written when done). Then, in processes of their own, the cold starts. --part runs
+some of these (scripts/accelerator_check.sh runs the steps and the training in two stages);
+--json and --markdown are rewritten, atomically, as each batch size, epoch or run is done.
 
 On a CPU (benchmarks/cpu.*): JAX's train step (16 steps per compiled call) and one step per
 call (what train_jax.py runs on a CPU), PyTorch eager and torch.compile, at batch 32, 128, 512; peak RSS
 per path in a child process; the JAX step data-parallel over 2 host devices in a child of its own.
-On a GPU: JAX in fp32 and bf16, its steps in a lax.scan (this backend's default) or unrolled, and
-a whole epoch per call; PyTorch eager, torch.compile, and torch.compile with CUDA graphs; at
-batch 128, 512, 2048, 8192; the device memory of each path; the ceilings of bf16 and fp32
-matmuls and of a device-to-device copy in each framework; the default recipe in fp32 and bf16.
+On a GPU: JAX in fp32 and bf16 with its steps in a lax.scan (this backend's default), and a whole
+epoch per call; PyTorch eager (`cudnn.benchmark` on, as XLA autotunes its convolutions) in fp32
+and in bf16 autocast, torch.compile, and torch.compile with CUDA graphs (at batch 128 and 512
+only: each compile costs tens of seconds); at batch 512, 128, 2048, 8192; the device memory of
+each path; the ceilings of bf16 and fp32 matmuls and of a device-to-device copy in each
+framework; the default recipe in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -45,12 +51,15 @@ from common.config import ACCELERATOR_STEPS_PER_CALL, PRESETS  # noqa: E402
 
 SUITES = {
     "cpu": [("jax", "train_step"), ("jax", "single_step"), ("torch", "eager"), ("torch", "compile")],
-    "accelerator": [("jax", "train_step"), ("jax", "train_step_bf16"), ("jax", "train_step_unrolled"), ("jax", "epoch_step"),
-                    ("torch", "eager"), ("torch", "compile"), ("torch", "compile_cudagraphs")],
+    "accelerator": [("jax", "train_step"), ("jax", "train_step_bf16"), ("jax", "epoch_step"),
+                    ("torch", "eager"), ("torch", "eager_bf16"), ("torch", "compile"), ("torch", "compile_cudagraphs")],
 }
-BATCH_SIZES = {"cpu": "32,128,512", "accelerator": "128,512,2048,8192"}
-UNROLLED_BATCHES = (128, 512)  # the unrolled step only where a recipe trains: it is the slowest to compile
-TORCH_COMPILE = {"eager": None, "compile": "default", "compile_cudagraphs": "reduce-overhead"}
+# The accelerator's first batch size is the accelerator recipe's, so a cut run keeps it.
+BATCH_SIZES = {"cpu": "32,128,512", "accelerator": "512,128,2048,8192"}
+# torch.compile recompiles for every batch size (dynamic=False), each time for tens of seconds:
+# on an accelerator only where the goals and the recipes are measured.
+COMPILED_BATCHES = (128, 512)
+TORCH_COMPILE = {"eager": None, "eager_bf16": None, "compile": "default", "compile_cudagraphs": "reduce-overhead"}
 TARGET = 0.99
 START = time.perf_counter()
 
@@ -85,16 +94,30 @@ def make_trainer(framework: str, variant: str, cfg, train, total_steps: int = 10
         from jax_impl.train import JaxTrainer
 
         # A whole epoch per call needs the loop that compiles one step whatever the count.
-        loop = "unroll" if variant == "train_step_unrolled" else "scan" if variant == "epoch_step" else None
-        return JaxTrainer(cfg, train, total_steps, loop=loop)
+        return JaxTrainer(cfg, train, total_steps, loop="scan" if variant == "epoch_step" else None)
     from torch_ref.train import TorchTrainer
 
-    return TorchTrainer(cfg, train, total_steps, compile_mode=TORCH_COMPILE[variant])
+    trainer = TorchTrainer(cfg, train, total_steps, compile_mode=TORCH_COMPILE[variant])
+    if variant.endswith("_bf16"):
+        trainer.train_steps = in_bf16_autocast(trainer.train_steps, trainer.device.type)
+    return trainer
+
+
+def in_bf16_autocast(train_steps, device_type: str):
+    """PyTorch's counterpart of JAX's bf16 rows: the steps under bf16 autocast (float32
+    parameters, optimiser state and loss; TorchTrainer has no precision setting of its own)."""
+    import torch
+
+    def steps(*args):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return train_steps(*args)
+
+    return steps
 
 
 def warm_up(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> None:
     """One call, then waits for JAX's fused program if it compiles in the background
-    (jax_impl/speed.py), so that every timed call runs the program it is timed for."""
+    (jax_impl/warm_start.py), so that every timed call runs the program it is timed for."""
     trainer.train_steps(batch_indices, shifts)
     getattr(trainer, "wait_until_compiled", lambda: None)()  # JAX only
 
@@ -133,21 +156,46 @@ def make_path(framework: str, variant: str, batch_size: int, train, base):
 
 
 def xla_analysis(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> dict:
-    """FLOPs and bytes per step (XLA's cost analysis of the compiled call) and the device memory
-    the call needs (its arguments, outputs and scratch, donated state counted once)."""
-    compiled = trainer.compiled_call(batch_indices, shifts)
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    k = len(batch_indices)
-    out = {"flops_per_step": float(cost.get("flops", 0.0)) / k or None,
-           "bytes_per_step": float(cost.get("bytes accessed", 0.0)) / k or None}
+    """The device memory one compiled call needs (its arguments, outputs and scratch, donated
+    state counted once)."""
     try:
-        m = compiled.memory_analysis()
+        m = trainer.compiled_call(batch_indices, shifts).memory_analysis()
         total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        out["device_mb"] = total / 2**20
+        return {"device_mb": total / 2**20}
     except Exception:  # not every backend reports it
-        out["device_mb"] = None
-    return out
+        return {"device_mb": None}
+
+
+def one_step_cost(batch: int, train, base) -> dict:
+    """FLOPs and bytes of one training step at this batch size, from XLA's cost analysis of a
+    one-step unrolled program: in a lax.scan (the GPU's calls) the analysis counts the loop body
+    once, whatever its trip count, so a k-step call's count divided by k is k times too low."""
+    from jax_impl.train import JaxTrainer
+
+    cfg = replace(base, batch_size=batch, steps_per_call=1)
+    trainer = JaxTrainer(cfg, train, 10_000, loop="unroll")
+    rng = np.random.default_rng(0)
+    shifts = rng.integers(0, 2 * cfg.shift + 1, size=(1, batch, 2)) if cfg.shift else None
+    cost = trainer.compiled_call(rng.integers(0, len(train), size=(1, batch)), shifts).cost_analysis()
+    trainer.close()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    return {"flops_per_step": float(cost.get("flops", 0.0)) or None, "bytes_per_step": float(cost.get("bytes accessed", 0.0)) or None}
+
+
+def precision_of(framework: str, variant: str, on_gpu: bool) -> str:
+    """How a row computes its float32 matmuls and convolutions: TF32 or full float32."""
+    if variant.endswith("_bf16"):
+        return "bf16 compute" if framework == "jax" else "bf16 autocast"
+    if not on_gpu:
+        return "fp32 (no TF32 on a CPU)"
+    if framework == "jax":
+        import jax
+
+        # XLA's default precision on NVIDIA GPUs computes float32 dots and convolutions in TF32.
+        return f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision or 'default (TF32)'}"
+    import torch
+
+    return f"allow_tf32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
 
 
 TORCH_PEAK_BYTES = [0]  # the process's peak, kept across the per-path resets below
@@ -259,7 +307,8 @@ def _timed(fn) -> float:
 def ceilings(n: int, dtypes: tuple[str, ...], torch_device, repeats: int, copy_mb: int) -> dict:
     """What this chip measures at its best: GFLOP/s of an n x n matmul per dtype, and GB/s of a
     device-to-device copy (bytes read plus bytes written), in each framework, each the best of
-    `repeats`. The fp32 matmuls run at each framework's training precision (TF32 on NVIDIA GPUs)."""
+    `repeats`. The fp32 matmuls run at each framework's training precision (TF32 on NVIDIA GPUs).
+    Operands are random: constant data makes a GPU's matrix units run faster than real data."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -270,20 +319,21 @@ def ceilings(n: int, dtypes: tuple[str, ...], torch_device, repeats: int, copy_m
         return min(_timed(lambda: (fn(), sync())) for _ in range(repeats))
 
     sync_torch = (lambda: torch.cuda.synchronize(torch_device)) if torch_device.type == "cuda" else (lambda: None)
-    out = {"matmul_n": n, "copy_mb": copy_mb}
+    out = {"matmul_n": n, "copy_mb": copy_mb, "operands": "random normal"}
+    key = jax.random.key(0)
     for name in dtypes:
-        a = jnp.ones((n, n), {"fp32": jnp.float32, "bf16": jnp.bfloat16}[name])
+        a = jax.random.normal(key, (n, n), {"fp32": jnp.float32, "bf16": jnp.bfloat16}[name])
         mm = jax.jit(lambda x: x @ x)
         result = {}
         out[f"jax_{name}_gflops_per_s"] = 2 * n**3 / best(lambda: result.update(y=mm(a)), lambda: result["y"].block_until_ready()) / 1e9
-        t = torch.ones(n, n, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name], device=torch_device)
+        t = torch.randn(n, n, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name], device=torch_device)
         out[f"torch_{name}_gflops_per_s"] = 2 * n**3 / best(lambda: t @ t, sync_torch) / 1e9
     elements = copy_mb * 2**20 // 4
-    x = jnp.ones(elements, jnp.float32)
+    x = jax.random.normal(key, (elements,), jnp.float32)
     cp = jax.jit(lambda v: v.copy())
     result = {}
     out["jax_copy_gb_per_s"] = 2 * 4 * elements / best(lambda: result.update(y=cp(x)), lambda: result["y"].block_until_ready()) / 1e9
-    src, dst = torch.ones(elements, device=torch_device), torch.empty(elements, device=torch_device)
+    src, dst = torch.randn(elements, device=torch_device), torch.empty(elements, device=torch_device)
     out["torch_copy_gb_per_s"] = 2 * 4 * elements / best(lambda: dst.copy_(src), sync_torch) / 1e9
     return out
 
@@ -320,23 +370,40 @@ def chosen_paths(suite: str, only: str | None) -> list[tuple[str, str]]:
     return [p for p in paths if p[1] in wanted]
 
 
+def over_budget(args, share: float) -> bool:
+    """Whether `share` of --time-budget has passed since the process started."""
+    return bool(args.time_budget) and time.perf_counter() - START > share * args.time_budget
+
+
+def skipped_path(args, suite: str, variant: str, batch: int) -> bool:
+    """Paths measured elsewhere or not at this batch size."""
+    if variant == "train_step_2dev":  # in a child process of its own, after the others
+        return True
+    return suite == "accelerator" and variant.startswith("compile") and batch not in COMPILED_BATCHES and not args.quick
+
+
 def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lambda rows: None) -> list[dict]:
     """The step rows, batch size by batch size (each handed to `report_rows` as it is done). With
-    --time-budget, no new batch size starts after 60% of it: the training runs need the rest."""
+    --time-budget, no new batch size starts after half of it and no new path after three
+    quarters, so the rows of the batch sizes begun are measured within it."""
     from tqdm import tqdm
 
     from common.config import Config
 
     paths = chosen_paths(suite, args.only)
     base = replace(Config(), device=args.device)
+    on_gpu = suite == "accelerator"
     results = []
     for batch in batch_sizes:
-        if args.time_budget and time.perf_counter() - START > 0.6 * args.time_budget:
+        if over_budget(args, 0.5):
             results.append({"framework": "-", "variant": "-", "batch_size": batch, "error": "not measured: --time-budget"})
             continue
         live = {}
         for framework, variant in paths:
-            if variant == "train_step_2dev" or (variant == "train_step_unrolled" and batch not in UNROLLED_BATCHES and not args.quick):
+            if skipped_path(args, suite, variant, batch):
+                continue
+            if over_budget(args, 0.75):
+                results.append({"framework": framework, "variant": variant, "batch_size": batch, "error": "not measured: --time-budget"})
                 continue
             start = time.perf_counter()
             try:
@@ -356,15 +423,13 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lam
         for _ in tqdm(range(rounds), desc=f"batch {batch}", leave=False):
             for path in live.values():
                 path["times"] += per_call_times(path["run"], path["per_call"], calls=max(1, round(block / path["per_call"])))
-        analysis = {key: xla_analysis(p["trainer"], *p["first"]) for key, p in live.items() if key[0] == "jax"}
-        flops = next((a["flops_per_step"] for (fw, v), a in analysis.items() if v == "train_step" and a["flops_per_step"]), None)
+        cost = one_step_cost(batch, train, base) if live else {}
         for (framework, variant), path in live.items():
             row = {"framework": framework, "variant": variant, "batch_size": batch, "steps_per_call": path["per_call"],
                    "steps_measured": len(path["times"]) * path["per_call"], "compile_s": path["compile_s"],
-                   **summary(path["times"], batch), "flops_per_step": flops}
+                   **summary(path["times"], batch), **cost, "precision": precision_of(framework, variant, on_gpu)}
             if framework == "jax":
-                row.update(analysis[(framework, variant)])
-                row["flops_per_step"] = row["flops_per_step"] or flops
+                row.update(xla_analysis(path["trainer"], *path["first"]))
             else:
                 row["device_mb"] = torch_device_mb(path["trainer"], path["run"], path["per_call"])
             if suite == "cpu" and not args.quick:
@@ -374,7 +439,7 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lam
             getattr(path["trainer"], "close", lambda: None)()  # JAX's background compile thread
         del live
         if ("jax", "train_step_2dev") in paths:
-            results.append(two_devices_row(args, batch, rounds * block, flops))
+            results.append(two_devices_row(args, batch, rounds * block, cost.get("flops_per_step")))
         report_rows(results)
     return results
 
@@ -382,8 +447,8 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lam
 def add_shares(results: list[dict], ceiling: dict, n_train: int, suite: str) -> None:
     """Per row: GFLOP/s and its share of the matmul ceiling of its framework and precision, the
     epoch it implies, its throughput against PyTorch eager and PyTorch's best at the same batch
-    size, and on an accelerator its share of the copy bandwidth (JAX rows: the bytes XLA counts,
-    an upper bound of the memory traffic; a CPU's caches make that count meaningless there)."""
+    size, and on an accelerator its share of the copy bandwidth (the bytes XLA counts for one
+    step, an upper bound of the memory traffic; a CPU's caches make that count meaningless there)."""
     for row in results:
         if "error" in row:
             continue
@@ -436,7 +501,7 @@ def training_runs(suite: str, results: list[dict], torch_device: str) -> list[di
     recipe = replace(base, **ACCELERATOR_RECIPE)
     batch = recipe.batch_size
     return [{"name": "accelerator", "framework": "jax", "cfg": recipe, "until_target": True,
-             "variant": fastest(results, "jax", batch, ("epoch_step", "train_step", "train_step_unrolled"))},
+             "variant": fastest(results, "jax", batch, ("epoch_step", "train_step"))},
             {"name": "accelerator", "framework": "torch", "cfg": recipe, "until_target": True,
              "variant": fastest(results, "torch", batch, ("eager", "compile", "compile_cudagraphs"))},
             {"name": "default fp32", "framework": "jax", "variant": "train_step", "cfg": base, "until_target": False},
@@ -462,57 +527,91 @@ def restore(framework: str, trainer, saved) -> None:
     trainer.sched.load_state_dict(saved["sched"])
 
 
-def time_to_accuracy(runs: list[dict], max_epochs: int | None, quick: bool) -> list[dict]:
-    """Trains each run epoch by epoch, the runs in turn. Each compiles and warms up first on a
-    copy of its initial state (reported as compile_s); the training time counts the steps after
-    that, up to a device synchronisation, not data loading or the per-epoch evaluation."""
-    from common.loop import epoch_plan, load_splits, steps_per_epoch
+def prepare_run(run: dict, max_epochs: int | None, plan) -> None:
+    """Builds the run's trainer and compiles and warms it up on a copy of its initial state
+    (compile_s), every shape an epoch uses."""
+    from common.loop import load_splits, steps_per_epoch
+
+    train, test = load_splits(run["cfg"])
+    cfg = run["cfg"] = path_config(run["framework"], run["variant"], run["cfg"].batch_size, run["cfg"], len(train))
+    run.update(train=train, test=test, train_s=0.0, epochs=[], reached=None, total_epochs=min(max_epochs or cfg.epochs, cfg.epochs))
+    run["trainer"] = trainer = make_trainer(run["framework"], run["variant"], cfg, train, steps_per_epoch(cfg, len(train)) * cfg.epochs)
+    run["chunk"] = trainer.steps_per_call
+    batches, shifts = plan(run, 1)
+    start, saved = time.perf_counter(), snapshot(run["framework"], trainer)
+    for size in sorted({min(run["chunk"], len(batches) - i) for i in range(0, len(batches), run["chunk"])}):
+        warm_up(trainer, batches[:size], None if shifts is None else shifts[:size])
+    synchronize(run["framework"], trainer)
+    restore(run["framework"], trainer, saved)
+    run["compile_s"] = time.perf_counter() - start
+
+
+def train_epoch(run: dict, epoch: int, plan) -> None:
     from common.metrics import score
+
+    trainer = run["trainer"]
+    batches, shifts = plan(run, epoch)
+    start = time.perf_counter()
+    for i in range(0, len(batches), run["chunk"]):
+        trainer.train_steps(batches[i : i + run["chunk"]], None if shifts is None else shifts[i : i + run["chunk"]])
+    synchronize(run["framework"], trainer)
+    elapsed = time.perf_counter() - start
+    run["train_s"] += elapsed
+    m = score(*trainer.predict(run["test"].images, run["test"].numbers), run["test"].labels, run["test"].numbers)
+    run["epochs"].append({"epoch": epoch, "epoch_s": elapsed, **m})
+    print(f"  {run['framework']:5s} {run['name']:12s} epoch {epoch}: {elapsed:6.2f}s  "
+          f"digit {100 * m['test_digit_acc']:.2f}%  sum {100 * m['test_sum_acc']:.2f}%")
+    if run["reached"] is None and min(m["test_digit_acc"], m["test_sum_acc"]) >= TARGET:
+        run["reached"] = {"epoch": epoch, "train_s": run["train_s"]}
+
+
+def accuracy_row(run: dict) -> dict:
+    """A run's figures so far; `finished` is false while it still trains (or if it was cut)."""
+    row = {"name": run["name"], "framework": run["framework"], "variant": run["variant"], "recipe": recipe_flags(run["cfg"]),
+           "target": TARGET, "finished": run.get("finished", False)}
+    if "not_run" in run:
+        return {**row, "error": run["not_run"]}
+    if not run.get("epochs"):
+        return {**row, "compile_s": run.get("compile_s"), "reached": None, "epochs": []}
+    e = run["epochs"]
+    return {**row, "compile_s": run["compile_s"], "epoch_wall_s_first": e[0]["epoch_s"],
+            "epoch_wall_s_median": float(np.median([x["epoch_s"] for x in e])), "reached": run["reached"],
+            "final_test_digit_acc": e[-1]["test_digit_acc"], "final_test_sum_acc": e[-1]["test_sum_acc"], "epochs": e}
+
+
+def time_to_accuracy(runs: list[dict], max_epochs: int | None, quick: bool, in_turn: bool, args=None,
+                     report=lambda rows: None) -> list[dict]:
+    """Trains each run epoch by epoch until the target (or through its epochs). `in_turn` (a
+    CPU): every run compiles first, then they train one epoch each in turn, so machine noise hits
+    all alike. Otherwise one run after the other, each handed to `report` as it is done, so a cut
+    keeps the runs before it; none starts after three quarters of --time-budget. Each compiles
+    and warms up on a copy of its initial state (compile_s); the training time counts the steps
+    after that, up to a device synchronisation, not data loading or the per-epoch evaluation.
+    `report` also gets every epoch's rows."""
+    from common.loop import epoch_plan
 
     def plan(run: dict, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
         batches, shifts = epoch_plan(run["cfg"], len(run["train"]), epoch)
         return (batches[:20], None if shifts is None else shifts[:20]) if quick else (batches, shifts)
 
-    for run in runs:
-        train, test = load_splits(run["cfg"])
-        cfg = run["cfg"] = path_config(run["framework"], run["variant"], run["cfg"].batch_size, run["cfg"], len(train))
-        run.update(train=train, test=test, train_s=0.0, epochs=[], reached=None,
-                   total_epochs=min(max_epochs or cfg.epochs, cfg.epochs))
-        run["trainer"] = trainer = make_trainer(run["framework"], run["variant"], cfg, train,
-                                                steps_per_epoch(cfg, len(train)) * cfg.epochs)
-        run["chunk"] = trainer.steps_per_call
-        batches, shifts = plan(run, 1)
-        start, saved = time.perf_counter(), snapshot(run["framework"], trainer)
-        for size in sorted({min(run["chunk"], len(batches) - i) for i in range(0, len(batches), run["chunk"])}):
-            warm_up(trainer, batches[:size], None if shifts is None else shifts[:size])  # every shape an epoch uses
-        synchronize(run["framework"], trainer)
-        restore(run["framework"], trainer, saved)
-        run["compile_s"] = time.perf_counter() - start
-    for epoch in range(1, max(r["total_epochs"] for r in runs) + 1):
-        for run in runs:
-            if epoch > run["total_epochs"] or (run["until_target"] and run["reached"]):
-                continue
-            trainer = run["trainer"]
-            batches, shifts = plan(run, epoch)
-            start = time.perf_counter()
-            for i in range(0, len(batches), run["chunk"]):
-                trainer.train_steps(batches[i : i + run["chunk"]], None if shifts is None else shifts[i : i + run["chunk"]])
-            synchronize(run["framework"], trainer)
-            elapsed = time.perf_counter() - start
-            run["train_s"] += elapsed
-            m = score(*trainer.predict(run["test"].images, run["test"].numbers), run["test"].labels, run["test"].numbers)
-            run["epochs"].append({"epoch": epoch, "epoch_s": elapsed, **m})
-            print(f"  {run['framework']:5s} {run['name']:12s} epoch {epoch}: {elapsed:6.2f}s  "
-                  f"digit {100 * m['test_digit_acc']:.2f}%  sum {100 * m['test_sum_acc']:.2f}%")
-            if run["reached"] is None and min(m["test_digit_acc"], m["test_sum_acc"]) >= TARGET:
-                run["reached"] = {"epoch": epoch, "train_s": run["train_s"]}
-    for run in runs:
-        getattr(run["trainer"], "close", lambda: None)()
-    return [{"name": r["name"], "framework": r["framework"], "variant": r["variant"], "recipe": recipe_flags(r["cfg"]),
-             "target": TARGET, "compile_s": r["compile_s"], "epoch_wall_s_first": r["epochs"][0]["epoch_s"],
-             "epoch_wall_s_median": float(np.median([e["epoch_s"] for e in r["epochs"]])), "reached": r["reached"],
-             "final_test_digit_acc": r["epochs"][-1]["test_digit_acc"], "final_test_sum_acc": r["epochs"][-1]["test_sum_acc"],
-             "epochs": r["epochs"]} for r in runs]
+    rows = lambda: [accuracy_row(r) for r in runs]  # noqa: E731
+    for group in [runs] if in_turn else [[r] for r in runs]:
+        if args is not None and over_budget(args, 0.75):
+            for run in group:
+                run["not_run"] = "not run: --time-budget"
+            continue
+        for run in group:
+            prepare_run(run, max_epochs, plan)
+        for epoch in range(1, max(r["total_epochs"] for r in group) + 1):
+            for run in group:
+                if epoch <= run["total_epochs"] and not (run["until_target"] and run["reached"]):
+                    train_epoch(run, epoch, plan)
+            report(rows())
+        for run in group:
+            run["finished"] = True
+            getattr(run["trainer"], "close", lambda: None)()
+        report(rows())
+    return rows()
 
 
 # --- report -------------------------------------------------------------------------
@@ -557,39 +656,50 @@ def cold_starts(quick: bool, device: str) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    m, c = report["machine"], report["ceilings"]
+    m, c = report["machine"], report.get("ceilings")
     settings = [text for key, text in [("malloc_keeps_freed_memory", "glibc malloc keeps freed memory (`keep_freed_memory`)"),
                                         ("jax_runs_on_calling_thread", "JAX runs single-device calls on the calling thread (`run_on_calling_thread`)")]
                 if m.get(key)]
-    peaks = ", ".join(f"{fw}_{d} {c[f'{fw}_{d}_gflops_per_s']:.0f}" for d in ("fp32", "bf16") for fw in ("jax", "torch")
-                      if f"{fw}_{d}_gflops_per_s" in c)
+    ceiling = "not measured."
+    if c:
+        peaks = ", ".join(f"{fw}_{d} {c[f'{fw}_{d}_gflops_per_s']:.0f}" for d in ("fp32", "bf16") for fw in ("jax", "torch")
+                          if f"{fw}_{d}_gflops_per_s" in c)
+        ceiling = (f"{c['matmul_n']}^2 matmul GFLOP/s {peaks} (fp32 at the training precision, random operands); "
+                   f"{c['copy_mb']} MB device copy GB/s jax {c['jax_copy_gb_per_s']:.0f}, torch {c['torch_copy_gb_per_s']:.0f}.")
     lines = [f"# Benchmark: JAX on {m['jax_device']} ({m['backend']}), PyTorch on {m['torch_device']}; {m['cpu']} ({m['cores']} cores), {m['date']}", "",
-             f"jax {m['jax']}, torch {m['torch']}, python {m['python']}. Ceilings: {c['matmul_n']}^2 matmul GFLOP/s {peaks} "
-             f"(fp32 at the training precision); {c['copy_mb']} MB device copy GB/s jax {c['jax_copy_gb_per_s']:.0f}, "
-             f"torch {c['torch_copy_gb_per_s']:.0f}." + (f" Process settings of the training scripts: {'; '.join(settings)}." if settings else ""), "",
-             "| framework | variant | batch | steps/call | compile s | step ms (median) | p10-p90 | images/s | epoch s | GFLOP/s | "
-             "% matmul ceiling | % copy bandwidth | device MB | peak RSS MB | vs torch eager | vs torch best |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in report["results"]:
+             f"jax {m['jax']}, torch {m['torch']}, python {m['python']}. Ceilings: {ceiling}"
+             + (f" Process settings of the training scripts: {'; '.join(settings)}." if settings else ""), ""]
+    if report.get("results"):
+        lines += ["| framework | variant | batch | steps/call | compile s | step ms (median) | p10-p90 | images/s | epoch s | GFLOP/s | "
+                  "% matmul ceiling | % copy bandwidth | device MB | peak RSS MB | vs torch eager | vs torch best | float32 as |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report.get("results", []):
         if "error" in r:
-            lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r['error'][:80]} |||||||||||||")
+            lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r['error'][:80]} ||||||||||||||")
             continue
         lines.append(f"| {r['framework']} | {r['variant']} | {r['batch_size']} | {r.get('steps_per_call', '-')} | {r['compile_s']:.2f} | "
                      f"{r['step_ms_median']:.2f} | {r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f} | {r['images_per_s']:.0f} | "
                      f"{_num(r.get('epoch_s'), '.3f')} | {_num(r.get('gflops_per_s'), '.0f')} | {_num(r.get('pct_of_matmul_ceiling'), '.0f')} | "
                      f"{_num(r.get('pct_of_copy_bandwidth'), '.0f')} | {_num(r.get('device_mb'), '.0f')} | {_num(r.get('peak_rss_mb'), '.0f')} | "
-                     f"{_num(r.get('throughput_vs_torch_eager'), '.2f')}x | {_num(r.get('throughput_vs_torch_best'), '.2f')}x |")
+                     f"{_num(r.get('throughput_vs_torch_eager'), '.2f')}x | {_num(r.get('throughput_vs_torch_best'), '.2f')}x | "
+                     f"{r.get('precision', '-')} |")
     if report.get("time_to_accuracy"):
-        lines += ["", "Training runs, one epoch each in turn (training time after compilation, up to a device synchronisation; "
+        order = "one epoch each in turn" if report["suite"] == "cpu" else "one run after the other"
+        lines += ["", f"Training runs, {order} (training time after compilation, up to a device synchronisation; "
                   "evaluation excluded):", "",
                   "| run | framework | variant | recipe | compile s | first epoch s | median epoch s | reached 99.0% digit and sum | "
                   "after s | final digit % | final sum % |", "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
         for t in report["time_to_accuracy"]:
+            if "error" in t or not t["epochs"]:
+                lines.append(f"| {t['name']} | {t['framework']} | {t['variant']} | `{t['recipe']}` | "
+                             f"{t.get('error') or 'cut while compiling'} |||||||")
+                continue
             reached = t["reached"]
             lines.append(f"| {t['name']} | {t['framework']} | {t['variant']} | `{t['recipe']}` | {t['compile_s']:.1f} | "
                          f"{t['epoch_wall_s_first']:.2f} | {t['epoch_wall_s_median']:.2f} | "
                          f"{'epoch ' + str(reached['epoch']) if reached else 'no'} | {_num(reached and reached['train_s'], '.2f')} | "
-                         f"{100 * t['final_test_digit_acc']:.2f} | {100 * t['final_test_sum_acc']:.2f} |")
+                         f"{100 * t['final_test_digit_acc']:.2f} | {100 * t['final_test_sum_acc']:.2f} |"
+                         + ("" if t["finished"] else " (cut)"))
     if report.get("cold_starts"):
         lines += ["", "Process starts: each trainer's 1-epoch default run as a user starts it (its own process; JAX "
                   "first with an empty compilation cache, then with the cache it left):", "",
@@ -623,7 +733,7 @@ def start_frameworks(device: str):
 
     from common.errors import ConfigError
     from common.malloc import keep_freed_memory
-    from jax_impl.speed import tune_cpu_process
+    from jax_impl.cpu_speed import tune_cpu_process
 
     tuned = tune_cpu_process()  # where JAX computes on the CPU: the training scripts' settings
     jax.devices()
@@ -636,12 +746,18 @@ def start_frameworks(device: str):
     if torch_device.type == "cpu":
         tuned = keep_freed_memory() or tuned
     else:
+        import torch
+
         allow_tf32(True)  # the precision train_torch.py uses there, as JAX's default
+        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape, as XLA autotunes its convolutions
     suite = "cpu" if jax.default_backend() == "cpu" and torch_device.type == "cpu" else "accelerator"
     return torch_device, suite, tuned
 
 
-def main() -> None:
+PARTS = ("steps", "training", "starts")
+
+
+def parse_args():
     from common.config import TORCH_DEVICES, OneLineParser
 
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -653,14 +769,69 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: one batch size, few steps, no memory probes, short epochs")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap for the training runs (default: each recipe's epochs)")
     parser.add_argument("--only", default=None, metavar="VARIANTS", help="measure only these variants, e.g. train_step,eager")
+    parser.add_argument("--part", default=",".join(PARTS), metavar="PARTS",
+                        help="which parts, in this order: steps (and the ceilings), training (time to 99%%; picks the "
+                             "variants from the steps in --json when run alone), starts (process starts)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",
-                        help="start no new batch size after 60%% of S seconds (the training runs follow)")
+                        help="no new batch size after half of S seconds, no new path after three quarters; no "
+                             "training run starts after three quarters")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-two-devices", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    batch_sizes = check_numbers(args)
     if args.time_budget is not None and not 0 < args.time_budget < 1e6:
         raise UserError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
+    parts = args.part.split(",")
+    if not parts or set(parts) - set(PARTS):
+        raise UserError(f"--part wants some of {','.join(PARTS)}, got {args.part!r}")
+    return args, check_numbers(args), parts
+
+
+def start_report(args, parts: list[str], suite: str, torch_device, malloc_tuned: bool) -> dict:
+    """The report this run adds to: without the steps part, the one in --json (its rows pick the
+    training runs' variants) if there is one; else a new one naming the machine."""
+    from jax_impl.cpu_speed import runs_on_calling_thread
+
+    if "steps" not in parts and args.json and Path(args.json).exists():
+        try:
+            return json.loads(Path(args.json).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{args.json}: not a benchmark report ({type(e).__name__}); run --part steps first or name another --json") from None
+    return {"suite": suite, "machine": {**machine(torch_device), "malloc_keeps_freed_memory": malloc_tuned,
+                                        "jax_runs_on_calling_thread": runs_on_calling_thread(),
+                                        "torch_cudnn_benchmark": torch_device.type == "cuda"}}
+
+
+def measure_steps(args, report: dict, suite: str, batch_sizes: list[int], torch_device, train) -> None:
+    big = suite == "accelerator" and not args.quick
+    report["ceilings"] = ceilings(8192 if big else 1024 if args.quick else 4096, ("fp32", "bf16") if suite == "accelerator" else ("fp32",),
+                                  torch_device, repeats=10 if big else 3, copy_mb=1024 if big else 64)
+    write(report, args)
+    print(f"machine: JAX on {report['machine']['jax_device']}, PyTorch on {report['machine']['torch_device']}; "
+          f"fp32 matmul {report['ceilings']['jax_fp32_gflops_per_s']:.0f} GFLOP/s (XLA)")
+
+    def report_rows(rows: list[dict]) -> None:  # kept on disk as they come, should the run be cut short
+        report["results"] = rows
+        add_shares(rows, report["ceilings"], len(train), suite)
+        write(report, args)
+
+    report_rows(bench_steps(args, suite, batch_sizes, train, report_rows))
+
+
+def measure_training(args, report: dict, suite: str, torch_device) -> None:
+    print("training runs (time to 99.0% test digit and sum):")
+    runs = training_runs(suite, report.get("results", []), str(torch_device))
+
+    def report_runs(rows: list[dict]) -> None:
+        report["time_to_accuracy"] = rows
+        report["device_peak_mb"] = device_peaks(torch_device)
+        write(report, args)
+
+    report_runs(time_to_accuracy(runs, 1 if args.quick else args.max_epochs, args.quick, in_turn=suite == "cpu",
+                                 args=args, report=report_runs))
+
+
+def main() -> None:
+    args, batch_sizes, parts = parse_args()
     torch_device, suite, malloc_tuned = start_frameworks(args.device)
     if args.probe_memory:
         return probe_memory(args.probe_memory, args.device)
@@ -674,38 +845,28 @@ def main() -> None:
 
     from common.config import Config
     from common.loop import load_splits
-    from jax_impl.speed import runs_on_calling_thread
 
-    train, _ = load_splits(Config())
-    big = suite == "accelerator" and not args.quick
-    report = {"suite": suite, "machine": {**machine(torch_device), "malloc_keeps_freed_memory": malloc_tuned,
-                                          "jax_runs_on_calling_thread": runs_on_calling_thread()},
-              "ceilings": ceilings(8192 if big else 1024 if args.quick else 4096, ("fp32", "bf16") if suite == "accelerator" else ("fp32",),
-                                   torch_device, repeats=10 if big else 3, copy_mb=1024 if big else 64)}
-    print(f"machine: JAX on {report['machine']['jax_device']}, PyTorch on {report['machine']['torch_device']}; "
-          f"fp32 matmul {report['ceilings']['jax_fp32_gflops_per_s']:.0f} GFLOP/s (XLA)")
-
-    def report_rows(rows: list[dict]) -> None:  # kept on disk as they come, should the run be cut short
-        report["results"] = rows
-        add_shares(rows, report["ceilings"], len(train), suite)
-        write(report, args)
-
-    report_rows(bench_steps(args, suite, batch_sizes, train, report_rows))
-    print("training runs (time to 99.0% test digit and sum):")
-    runs = training_runs(suite, report["results"], str(torch_device))
-    report["time_to_accuracy"] = time_to_accuracy(runs, 1 if args.quick else args.max_epochs, args.quick)
-    report["device_peak_mb"] = device_peaks(torch_device)
-    print("process starts (cold and warm compilation cache):")
-    report["cold_starts"] = cold_starts(args.quick, args.device)
+    report = start_report(args, parts, suite, torch_device, malloc_tuned)
+    if "steps" in parts:
+        train, _ = load_splits(Config())
+        measure_steps(args, report, suite, batch_sizes, torch_device, train)
+    if "training" in parts:
+        measure_training(args, report, suite, torch_device)
+    if "starts" in parts:
+        print("process starts (cold and warm compilation cache):")
+        report["cold_starts"] = cold_starts(args.quick, args.device)
     print(write(report, args))
 
 
 def write(report: dict, args) -> str:
+    """Rewrites --json and --markdown, each atomically: a kill mid-write leaves the last whole file."""
+    from common.integrity import write_atomically
+
     table = markdown(report)
     for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, table)):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+            write_atomically(Path(path), [text.encode()])
     return table
 
 
