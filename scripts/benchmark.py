@@ -117,7 +117,7 @@ def in_bf16_autocast(train_steps, device_type: str):
 
 def warm_up(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> None:
     """One call, then waits for JAX's fused program if it compiles in the background
-    (jax_impl/warm_start.py), so that every timed call runs the program it is timed for."""
+    (jax_impl/speed.py), so that every timed call runs the program it is timed for."""
     trainer.train_steps(batch_indices, shifts)
     getattr(trainer, "wait_until_compiled", lambda: None)()  # JAX only
 
@@ -733,7 +733,7 @@ def start_frameworks(device: str):
 
     from common.errors import ConfigError
     from common.malloc import keep_freed_memory
-    from jax_impl.cpu_speed import tune_cpu_process
+    from jax_impl.speed import tune_cpu_process
 
     tuned = tune_cpu_process()  # where JAX computes on the CPU: the training scripts' settings
     jax.devices()
@@ -789,7 +789,7 @@ def parse_args():
 def start_report(args, parts: list[str], suite: str, torch_device, malloc_tuned: bool) -> dict:
     """The report this run adds to: without the steps part, the one in --json (its rows pick the
     training runs' variants) if there is one; else a new one naming the machine."""
-    from jax_impl.cpu_speed import runs_on_calling_thread
+    from jax_impl.speed import runs_on_calling_thread
 
     if "steps" not in parts and args.json and Path(args.json).exists():
         try:
