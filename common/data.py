@@ -199,6 +199,11 @@ def numbers_for(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 10, size=n, dtype=np.int32)
 
 
+def test_numbers() -> np.ndarray:
+    """The r of each test image: the same for every run, whatever its seed."""
+    return numbers_for(COUNTS["test"], TEST_NUMBERS_SEED)
+
+
 def make_splits(arrays: dict[str, np.ndarray], seed: int, held_out: frozenset = frozenset()) -> tuple[Split, Split]:
     """Pairs every image with a number r. Training examples whose (digit, r) is `held_out` get
     another r, drawn from the digit's remaining ones, so no held-out pair is ever trained on
@@ -208,7 +213,7 @@ def make_splits(arrays: dict[str, np.ndarray], seed: int, held_out: frozenset = 
     if held_out:
         numbers = redraw_held_out(labels, numbers, held_out, seed)
     train = Split(arrays["train_images"], labels, numbers)
-    test = Split(arrays["test_images"], arrays["test_labels"].astype(np.int32), numbers_for(COUNTS["test"], TEST_NUMBERS_SEED))
+    test = Split(arrays["test_images"], arrays["test_labels"].astype(np.int32), test_numbers())
     return train, test
 
 

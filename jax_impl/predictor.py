@@ -14,9 +14,7 @@ from common.predictor import Predictor, softmax
 from jax_impl import checkpoint
 from jax_impl.train import enable_compile_cache, init_model, make_predict
 
-# Batches are padded to a power of two in MIN_BATCH..MAX_BATCH, so a few compiled programs serve
-# every call; larger ones run in chunks of MAX_BATCH. A padded image costs next to nothing.
-MIN_BATCH, MAX_BATCH = 16, 1024
+MAX_BATCH = 1024  # images per compiled call; `make_predict` pads smaller calls to a power of two
 
 
 def load(run_dir: str | Path, cfg: Config) -> Predictor:
@@ -28,17 +26,8 @@ def load(run_dir: str | Path, cfg: Config) -> Predictor:
     logits = make_predict(graphdef, chunk=MAX_BATCH)
 
     def predict(images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = len(numbers)
-        extra = padded_size(n) - n
-        images = np.concatenate([np.asarray(images, np.uint8), np.zeros((extra, 28, 28), np.uint8)])
-        numbers = np.concatenate([np.asarray(numbers, np.int32), np.zeros(extra, np.int32)])
         digit, summ = logits(params, images, numbers)
-        return softmax(digit[:n]), softmax(summ[:n])
+        return softmax(digit), softmax(summ)
 
     return Predictor("jax", step, predict)
 
-
-def padded_size(n: int) -> int:
-    if n > MAX_BATCH:
-        return n  # make_predict pads the last chunk itself
-    return max(MIN_BATCH, 1 << max(n - 1, 0).bit_length())

@@ -146,9 +146,15 @@ def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformatio
     return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
 
 
+MIN_BATCH = 16  # the smallest call `make_predict` compiles for
+
+
 def make_predict(graphdef: nnx.GraphDef, chunk: int = 1000) -> Callable:
     """Returns predict(params, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any n.
-    The chunk bounds the activations' memory, which is a run's peak (docs/speed.md, "Memory")."""
+    Calls take a few shapes, so a few compiled programs serve every n: up to `chunk` images are
+    padded to a power of two (at least MIN_BATCH), more run `chunk` at a time, the last chunk
+    padded (a padded image costs next to nothing). The chunk bounds the activations' memory,
+    which is a training run's peak (docs/speed.md, "Memory")."""
 
     @partial(jax.jit, compiler_options=speed.compiler_options())
     def logits(params, images_u8, numbers):
@@ -156,14 +162,20 @@ def make_predict(graphdef: nnx.GraphDef, chunk: int = 1000) -> Callable:
 
     def predict(params, images_u8: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(numbers)
-        pad = (-n) % chunk if n > chunk else 0  # pad the last chunk so every call has one shape
-        images_u8 = np.concatenate([images_u8, np.zeros((pad, 28, 28), np.uint8)])
-        numbers = np.concatenate([numbers, np.zeros(pad, np.int32)])
-        outs = [logits(params, images_u8[i : i + chunk], numbers[i : i + chunk]) for i in range(0, len(numbers), chunk)]
+        size = call_size(n, chunk)
+        pad = max(size, -(-n // size) * size) - n
+        images_u8 = np.concatenate([np.asarray(images_u8, np.uint8), np.zeros((pad, 28, 28), np.uint8)])
+        numbers = np.concatenate([np.asarray(numbers, np.int32), np.zeros(pad, np.int32)])
+        outs = [logits(params, images_u8[i : i + size], numbers[i : i + size]) for i in range(0, len(numbers), size)]
         digit, summ = (np.concatenate([np.asarray(o[j]) for o in outs])[:n] for j in (0, 1))
         return digit, summ
 
     return predict
+
+
+def call_size(n: int, chunk: int) -> int:
+    """The batch of each of `make_predict`'s calls for n images."""
+    return chunk if n > chunk else min(chunk, max(MIN_BATCH, 1 << max(n - 1, 0).bit_length()))
 
 
 def init_model(cfg: Config) -> SumNet:

@@ -135,7 +135,7 @@ def mnist_test_examples(indices: list[int], numbers: list[int] | None, data_dir:
         directory = D.locate(data_dir)
         images = D.load_file(directory, D.FILES["test_images"], 3, D.COUNTS["test"])
         labels = D.load_file(directory, D.FILES["test_labels"], 1, D.COUNTS["test"])
-    test_numbers = D.numbers_for(D.COUNTS["test"], D.TEST_NUMBERS_SEED)  # as D.make_splits pairs them
+    test_numbers = D.test_numbers()  # as D.make_splits pairs them
     numbers = [int(test_numbers[i]) for i in indices] if numbers is None else per_image(numbers, len(indices))
     return [Example(f"MNIST test image {i} (true digit {labels[i]})", images[i], n,
                     {"index": i, "true_digit": int(labels[i]), "true_sum": int(labels[i]) + n})

@@ -29,7 +29,8 @@ from common.config import ADDED_LATER, CONFIG_FORMAT, Config
 from common.errors import ConfigError
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
 from common.predictor import load_predictor, read_run
-from jax_impl.predictor import MAX_BATCH, MIN_BATCH, padded_size
+from jax_impl.predictor import MAX_BATCH
+from jax_impl.train import MIN_BATCH, call_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "predict.py"
@@ -145,8 +146,9 @@ def test_several_image_files_and_a_folder_in_one_call(framework, runs, splits, t
 
 def test_batches_are_padded_to_a_few_sizes_without_changing_answers(predictors, splits):
     """A compiled program per power of two: 1..16 images share one, 100 take the one for 128."""
-    assert [padded_size(n) for n in (1, 5, 16, 17, 100, 128, 129, MAX_BATCH)] == [16, 16, 16, 32, 128, 128, 256, MAX_BATCH]
-    assert padded_size(MAX_BATCH + 1) == MAX_BATCH + 1  # split into chunks of MAX_BATCH by make_predict
+    sizes = [call_size(n, MAX_BATCH) for n in (1, 5, 16, 17, 100, 128, 129, MAX_BATCH, MAX_BATCH + 1, 5000)]
+    assert sizes == [16, 16, 16, 32, 128, 128, 256, MAX_BATCH, MAX_BATCH, MAX_BATCH]  # more: chunks of MAX_BATCH
+    assert call_size(600, 1000) == 1000  # never past the chunk
     assert MIN_BATCH == 16
     _, test = splits
     images, numbers = test.images[:40], test.numbers[:40]
