@@ -151,9 +151,10 @@ def per_image(numbers: list[int], count: int) -> list[int]:
 
 @contextlib.contextmanager
 def quiet():
-    """Silences what Orbax, absl, XLA and tensorstore print (Python logging and the C++ side, on
-    file descriptors 1 and 2) while the model loads and runs, so that the output is this script's
-    alone. MNIST_SUM_DEBUG=1 lets it all through."""
+    """Silences what the libraries print while the model loads and runs (XLA's and tensorstore's
+    C++ logs on file descriptors 1 and 2, Python logging), so that the output is this script's
+    alone. Orbax's failure logging is muted where checkpoints are read, for training too
+    (jax_impl/checkpoint.py:orbax_quiet). MNIST_SUM_DEBUG=1 lets it all through."""
     if os.environ.get(DEBUG_ENV):
         yield
         return
