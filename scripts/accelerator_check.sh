@@ -205,6 +205,10 @@ report = {"mode": expect, "python": platform.python_version(), "platform": platf
           "jax_platform_version": jax.devices()[0].client.platform_version, "jax_cuda": jax_cuda_versions(),
           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "torch_cudnn": torch.backends.cudnn.version() if gpu else None,
           "torch_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu else ["cpu"]}
+try:  # JAX's own account: jaxlib, its CUDA plugin's versions, nvidia-smi's table
+    report["jax_environment_info"] = jax.print_environment_info(return_string=True).splitlines()
+except Exception as e:
+    report["jax_environment_info"] = f"unavailable ({type(e).__name__})"
 if shutil.which("nvidia-smi"):
     report["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                                           capture_output=True, text=True).stdout.strip()

@@ -6,8 +6,8 @@ Exit code 1 if any tolerance fails.
 JAX runs on its default backend (JAX_PLATFORMS respected), PyTorch on --device; float32 is
 compared without TF32 on either side (parity.exact_float32). --json is rewritten, atomically,
 after each design, so a run cut short keeps the designs it finished ("designs_done"). --quick
-(the accelerator check's CPU rehearsal) runs the same checks on the first design only, with 20
-pretraining steps, a 10-step trajectory and 1,000 test pairs: the code path, not the figures."""
+(the accelerator check's CPU rehearsal) runs the same checks on the first design only, at batch 32,
+with 20 pretraining steps, a 5-step trajectory and 1,000 test pairs: the code path, not the figures."""
 
 import json
 import sys
@@ -40,7 +40,8 @@ def main() -> None:
 
     torch_device = ttrain.resolve_device(args.device)  # --device cuda without a GPU: one line, before any work
     train, test = make_splits(load_mnist(locate(args.data_dir)), seed=0)
-    designs, steps = (DESIGNS[:1], (20, 10)) if args.quick else (DESIGNS, (P.PRETRAIN_STEPS, P.TRAJECTORY_STEPS))
+    designs, steps = (DESIGNS[:1], (20, 5)) if args.quick else (DESIGNS, (P.PRETRAIN_STEPS, P.TRAJECTORY_STEPS))
+    small = {"batch_size": 32} if args.quick else {}
     if args.quick:
         test = D.Split(test.images[:1000], test.labels[:1000], test.numbers[:1000])
     devices = {"jax": f"{jax.default_backend()}: {jax.devices()[0].device_kind}", "torch": ttrain.environment(torch_device)["device_name"]}
@@ -49,12 +50,12 @@ def main() -> None:
     def save(extra: dict) -> None:
         if args.json:
             done = {"designs_done": list(reports), "designs_left": [d for d in designs if d not in reports], "quick": args.quick,
-                    "pretrain_steps": steps[0], "trajectory_steps": steps[1], "test_pairs": len(test), **extra}
+                    "pretrain_steps": steps[0], "trajectory_steps": steps[1], "test_pairs": len(test), "batch_size": small.get("batch_size"), **extra}
             write_atomically(Path(args.json), [(json.dumps({**done, "tolerances": {**P.TOLERANCES, **P.WARP_TOLERANCES}, "devices": devices,
                                                             "per_design": reports, "failures": failed}, indent=2, default=str) + "\n").encode()])
 
     for design in designs:
-        reports[design] = P.full_report(P.config_for(design, device=args.device), train, test, *steps)
+        reports[design] = P.full_report(P.config_for(design, device=args.device, **small), train, test, *steps)
         failed[design] = P.failures(reports[design])
         save({})
         print(f"{design}: {'ok' if not failed[design] else 'FAIL ' + '; '.join(failed[design])}")

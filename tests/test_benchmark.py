@@ -5,6 +5,7 @@ run takes)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 
@@ -120,3 +121,18 @@ def test_training_runs_pick_the_fastest_variant():
     recipe = by_name[("accelerator", "jax")]["cfg"]
     assert recipe.batch_size == B.ACCELERATOR_RECIPE["batch_size"] and recipe.device == "cuda"
     assert "--batch-size 512" in B.recipe_flags(recipe) and "--device" not in B.recipe_flags(recipe)
+
+
+def test_on_a_gpu_the_training_runs_are_written_one_by_one(monkeypatch):
+    """The accelerator's order (in_turn=False): each run compiles, trains and is handed over
+    before the next starts, so a cut keeps the runs before it; a run past the time budget is
+    recorded as not run."""
+    runs = [{"name": "small", "framework": fw, "variant": v, "cfg": replace(SMALL, batch_size=16), "until_target": True}
+            for fw, v in (("jax", "train_step"), ("torch", "eager"))]
+    seen = []
+    rows = B.time_to_accuracy(runs, 1, quick=True, in_turn=False, report=lambda r: seen.append([(x["finished"], len(x["epochs"])) for x in r]))
+    assert seen[0] == [(False, 1), (False, 0)] and seen[1] == [(True, 1), (False, 0)]  # the JAX run done before PyTorch's starts
+    assert seen[-1] == [(True, 1), (True, 1)] and all(r["compile_s"] > 0 for r in rows)
+    monkeypatch.setattr(B, "START", float("-inf"))  # the budget long spent
+    late = [{**runs[0], "cfg": replace(SMALL, batch_size=16)}]
+    assert B.time_to_accuracy(late, 1, quick=True, in_turn=False, args=argparse.Namespace(time_budget=1.0))[0]["error"] == "not run: --time-budget"
