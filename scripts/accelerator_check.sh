@@ -87,7 +87,9 @@ trap 'rm -rf "$SCRATCH"' EXIT
 # progress bars in the log. The stand-in hides any GPU from both frameworks.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TQDM_DISABLE=1
 if [ "$MODE" = full ]; then
-    export JAX_PLATFORMS=cuda,cpu  # named platforms must start: no silent fall-back to the CPU
+    # The GPU first, the CPU for the probe's comparison. Where JAX has no CUDA plugin it still
+    # falls back to the CPU (seen on a CPU machine), so the probe checks the backend it got.
+    export JAX_PLATFORMS=cuda,cpu
     EXPECT=gpu BUDGET=300
     STAGES="probe:30 benchmark:110 time_to_99:60 parity:55 tests:30"
     BENCH_ARGS="--batch-sizes 512,128,2048,8192" QUICK=""
