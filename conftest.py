@@ -94,14 +94,16 @@ def accelerator_rehearsal(tmp_path_factory, device_copy) -> tuple[int, str, Path
     return check.returncode, output, tmp / "out"
 
 
-# Opt-in markers and their options: full training runs (minutes), and the TFDS test (needs
-# TensorFlow, which no extra installs: .ci/run runs it in its own step).
-OPT_IN = {"slow": "--runslow", "tfds": "--run-tfds"}
+# Opt-in markers and their options: the slow tests (the README's full command, CI's), whole
+# default recipes (by hand only), and the TFDS test (needs TensorFlow, which no extra installs:
+# .ci/run runs it in its own step).
+OPT_IN = {"slow": "--runslow", "tfds": "--run-tfds", "full_run": "--run-full"}
 
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (full training runs)")
     parser.addoption("--run-tfds", action="store_true", help="also run the tests marked tfds (need TensorFlow and the tfds extra)")
+    parser.addoption("--run-full", action="store_true", help="also run the tests marked full_run (whole default recipes)")
 
 
 def pytest_collection_modifyitems(config, items):

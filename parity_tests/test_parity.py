@@ -22,7 +22,9 @@ def no_tf32():
         yield
 
 
-@pytest.fixture(scope="module", params=DESIGNS)
+# The quick suite checks the digit design (the recipes' and the one trained with the warp); the
+# full one (--runslow, CI) every design.
+@pytest.fixture(scope="module", params=[d if d == "digit" else pytest.param(d, marks=pytest.mark.slow) for d in DESIGNS])
 def setup(request, splits):
     cfg = P.config_for(request.param)
     train, test = splits
@@ -61,6 +63,7 @@ def test_conversion_rejects_other_shapes(setup):
         torch_to_flax(other.state_dict(), params)
 
 
+@pytest.mark.slow
 def test_forward_agrees_on_all_test_pairs(setup):
     cfg, train, test, params, _ = setup
     r = P.forward(cfg, train, params, test)
@@ -73,6 +76,7 @@ def test_forward_agrees_on_all_test_pairs(setup):
     assert r["prediction_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_agree_in_float64(setup):
     """The formulas: the whole batch, no example set apart (in float64 no kink is ambiguous)."""
     cfg, train, _, params, (batches, _) = setup
@@ -110,6 +114,7 @@ def test_one_optimizer_step_agrees(setup):
 SUITE_TRAJECTORY_STEPS = P.TRAJECTORY_STEPS // 2
 
 
+@pytest.mark.slow
 def test_trajectory_of_training_steps_agrees_in_float64(setup):
     cfg, train, _, params, (batches, shifts) = setup
     with P.float64():
@@ -144,10 +149,10 @@ def test_rotated_and_scaled_images_agree(splits):
     np.testing.assert_allclose(t_identity, cropped, rtol=0, atol=P.WARP_TOLERANCES["warp_max_abs_diff"])  # grid_sample's round trip
 
 
-@pytest.mark.slow
+@pytest.mark.full_run
 def test_independent_training_reaches_the_same_accuracy(tmp_path, mnist_dir):
     """Check 6: each framework from its OWN initialisation, the default recipe, all epochs.
-    `python -m pytest parity_tests -m slow --runslow -s` (about 15 minutes on 2 cores)."""
+    `python -m pytest parity_tests -m full_run --run-full -s` (minutes: two whole default runs)."""
     import json
     import subprocess
     import sys

@@ -273,7 +273,7 @@ parity() {
 
 # The device tests only: the parity tests measure what the parity report just measured.
 tests() {
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py ${TESTS_K:+-k "$TESTS_K"}
+    "$PY" -m pytest -q -p no:cacheprovider --runslow tests/test_devices.py ${TESTS_K:+-k "$TESTS_K"}
 }
 
 export -f probe benchmark time_to_99 parity tests

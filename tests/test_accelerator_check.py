@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import DEVICE_COMMAND, PREPARE_COMMAND, ROOT, copy_checkout, device_env, start_device_command
 
 STAGES = ["probe", "benchmark", "time_to_99", "parity", "tests"]
@@ -63,6 +65,7 @@ def test_the_documented_commands_are_the_ones_rehearsed():
         assert DEVICE_COMMAND in text and PREPARE_COMMAND in text, doc
 
 
+@pytest.mark.slow
 def test_the_rehearsal_runs_every_stage_and_keeps_its_files_flat(accelerator_rehearsal, device_copy):
     code, output, out = accelerator_rehearsal
     assert code == 0, output[-4000:]
@@ -84,6 +87,7 @@ def test_the_rehearsal_runs_every_stage_and_keeps_its_files_flat(accelerator_reh
     assert all(f"{stage}: ok after" in log for stage in STAGES)
 
 
+@pytest.mark.slow
 def test_a_kill_part_way_leaves_valid_json_and_says_what_was_cut(tmp_path, device_copy):
     """SIGKILL to all of the check once the benchmark stage has written its first file: the
     probe's results stay, every JSON file parses, and the summary names the stage that was cut

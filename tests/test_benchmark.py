@@ -22,6 +22,7 @@ from scripts import benchmark as B
 SMALL = replace(Config(), conv1=4, conv2=8, hidden=16, steps_per_call=4, device="cpu")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_all_figures(accelerator_rehearsal):
     """The rehearsal's benchmark stages: `--part steps --quick --batch-sizes 16` over three paths,
     then `--part training --quick` into the same files (scripts/accelerator_check.sh)."""
@@ -48,6 +49,7 @@ def test_quick_benchmark_writes_all_figures(accelerator_rehearsal):
     assert "| jax | train_step | 16 |" in text and "| default | torch | eager |" in text
 
 
+@pytest.mark.slow
 def test_process_starts_are_timed_cold_then_warm():
     """`--part starts --quick`: each trainer's dry run as its own process, JAX's cache empty then warm."""
     starts = {c["run"]: c for c in B.cold_starts(quick=True, device="cpu")}
@@ -62,6 +64,7 @@ def small_split(splits, n: int) -> D.Split:
     return D.Split(train.images[:n], train.labels[:n], train.numbers[:n])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework, variant", [p for p in B.SUITES["accelerator"] if p[1] not in ("compile", "compile_cudagraphs")]
                          + [("torch", "compile_cudagraphs")])
 def test_every_accelerator_path_runs_here(splits, framework, variant):

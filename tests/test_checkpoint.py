@@ -372,6 +372,7 @@ def as_format_0(saved: dict) -> None:
         del saved["config"][name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_an_older_run_resumes_with_the_fields_added_later_filled(framework, dry_runs, tmp_path):
     """A config.json of format 0 without the settings added since: resumed as those versions

@@ -156,6 +156,7 @@ def test_steps_in_a_scan_train_as_the_unrolled_steps(splits):
         speed.compile_steps(None, None, loop="while")
 
 
+@pytest.mark.slow
 def test_the_background_compile_keeps_float64(splits):
     """The fused program compiles on another thread; it must see the caller's float64, which JAX
     keeps per thread, or the float64 parity check breaks (its call raises a TypeError)."""

@@ -84,6 +84,7 @@ def reference(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_sigkill_mid_epoch_then_resume_is_identical(framework, reference, tmp_path):
     run = tmp_path / "killed"
@@ -100,6 +101,7 @@ def last_line(stderr: str) -> str:
 
 # Each signal once and each framework once: the two signals take one path (common/signals.py,
 # whose tests below send both).
+@pytest.mark.slow
 @pytest.mark.parametrize("framework, sig", [("jax", signal.SIGINT), ("torch", signal.SIGTERM)])
 def test_ctrl_c_or_sigterm_saves_mid_epoch_and_resumes_identically(framework, sig, reference, tmp_path):
     run = tmp_path / "interrupted"
@@ -115,6 +117,7 @@ def test_ctrl_c_or_sigterm_saves_mid_epoch_and_resumes_identically(framework, si
     assert_resumes_identically(framework, run, reference[framework])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes_identically(framework, reference, tmp_path):
     """From the end of epoch 1 on, no file can grow (a file-size limit of 0 set on the running
@@ -196,6 +199,7 @@ run_main(lambda: main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_log_line_lost_after_its_checkpoint_is_written_on_resume(reference, tmp_path):
     run = tmp_path / "lost"
     result = subprocess.run([sys.executable, "-c", LOG_FAILS_AT_EPOCH_2, *SMALL, "--out", str(run)], cwd=ROOT,
@@ -213,6 +217,7 @@ def test_a_log_line_lost_after_its_checkpoint_is_written_on_resume(reference, tm
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
     run = tmp_path / "done"
     assert subprocess.run(command("jax", "--dry-run", "--out", str(run)), capture_output=True, timeout=600).returncode == 0
@@ -229,6 +234,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_same_seed_twice_gives_identical_metrics(tmp_path):
     for name in ("a", "b"):
         result = subprocess.run(command("jax", "--dry-run", "--seed", "5", "--out", str(tmp_path / name)),
@@ -255,6 +261,7 @@ def test_non_finite_loss_stops_with_a_one_line_message(tmp_path):
     assert "Traceback" not in result.stderr and not (run / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_without_a_nan_says_so_at_the_end_of_the_epoch(tmp_path):
     """lr 10 without weight decay: the loss jumps into the thousands, then the network collapses to
     a constant answer; every loss stays finite, so only this check speaks."""

@@ -44,6 +44,7 @@ def assert_complete_dry_run(run: Path) -> None:
         assert (run / f"{plot}.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_default_out_twice_gives_two_complete_runs(tmp_path, mnist_dir):
     for _ in range(2):
         result = train("--dry-run", cwd=tmp_path, env={**os.environ, "MNIST_DIR": str(mnist_dir)})
@@ -58,6 +59,7 @@ def test_default_out_twice_gives_two_complete_runs(tmp_path, mnist_dir):
     assert f"run folder: runs/{runs[1].name}" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_run_is_refused_and_overwrite_replaces_it(tmp_path):
     run = tmp_path / "run"
     assert train("--dry-run", "--out", str(run)).returncode == 0
@@ -86,6 +88,7 @@ def test_a_folder_of_other_files_is_never_written_into_or_deleted(tmp_path):
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_two_processes_never_train_in_one_folder(tmp_path):
     run = tmp_path / "run"
     assert train("--dry-run", "--out", str(run)).returncode == 0
@@ -123,6 +126,7 @@ run_main(lambda: main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_signal_before_training_says_truly_what_is_left(tmp_path):
     """A fresh launch leaves nothing and says so; a resumed run is left as it was and says how to go on."""
     fresh = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOADING, "--dry-run"], cwd=tmp_path, env=ROOT_ON_PATH,
@@ -172,6 +176,7 @@ def test_several_processes_need_an_explicit_out(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_several_processes_refuse_a_run_folder_together(tmp_path):
     """Only process 0 checks and locks the folder; the others take its verdict and stop too,
     instead of waiting for it forever or writing checkpoints into another run."""

@@ -84,6 +84,7 @@ def run_child(tmp_path: Path, train: D.Split, cpu_count: int, devices: list[int]
 # --- the tests -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eight_devices_follow_the_single_device_losses(splits, tmp_path):
     out = run_child(tmp_path, splits[0], 8, [1, 8])
     assert out["device_count"] == 8
@@ -100,6 +101,7 @@ def test_eight_devices_follow_the_single_device_losses(splits, tmp_path):
     assert eight["losses"][-1] < 0.9 * eight["losses"][0]  # and it trains
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_metrics_of_one(tmp_path, mnist_dir):
     """Two processes on localhost, one CPU device each, joined through a coordinator, train a dry
     run together; process 0 alone writes the outputs. One process with two devices runs the very
@@ -137,6 +139,7 @@ def test_two_processes_give_the_metrics_of_one(tmp_path, mnist_dir):
         assert got[key] == pytest.approx(want[key], abs=1 / 500)
 
 
+@pytest.mark.slow
 def test_bf16_trains_close_to_fp32(splits):
     import jax
 

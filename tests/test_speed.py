@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import jax
 import numpy as np
+import pytest
 
 from common.config import Config
 from common.loop import epoch_plan
@@ -31,6 +32,7 @@ def train(splits, steps: int, chunk: int, wait: bool) -> tuple[np.ndarray, list]
     return np.concatenate(losses), [np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])]
 
 
+@pytest.mark.slow
 def test_one_step_and_fused_programs_train_bit_identically(splits):
     fused_losses, fused_params = train(splits, 14, 4, wait=True)  # fused from the second chunk on; last chunk of 2 step by step
     single_losses, single_params = train(splits, 14, 1, wait=False)  # the one-step program only

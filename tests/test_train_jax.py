@@ -44,6 +44,7 @@ def test_the_number_reaches_the_sum_head(design):
         np.testing.assert_array_equal(digit[0], digit[1])
 
 
+@pytest.mark.slow
 def test_a_real_epoch_slice_learns(splits):
     """250 steps (about half an epoch) of the real train step on real MNIST."""
     train, test = splits
