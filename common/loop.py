@@ -49,6 +49,25 @@ class Trainer(Protocol):
     def close(self) -> None:
         """Ends background work and closes files (called on every exit)."""
 
+    # For timing (scripts/benchmark.py): steps run on the device asynchronously, and a warm-up
+    # must not change the run that is then timed.
+
+    def wait_until_compiled(self) -> None:
+        """Blocks until any program compiling in the background is ready."""
+
+    def synchronize(self) -> None:
+        """Blocks until the device has finished every step handed to it."""
+
+    def snapshot(self) -> object:
+        """A copy of the training state (parameters, optimizer, schedule) for `restore_snapshot`."""
+
+    def restore_snapshot(self, snapshot: object) -> None:
+        """Puts a `snapshot` back, as if the steps since had not run."""
+
+    def call_memory_mb(self, batch_indices: np.ndarray, augmentation: np.ndarray | None) -> float | None:
+        """The device memory one call of `train_steps` over these batches needs, state included
+        (None: this device does not say). It may run the call."""
+
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
     return 5 if cfg.dry_run else n_train // cfg.batch_size

@@ -244,6 +244,24 @@ class JaxTrainer:
         """Blocks until the fused program compiling in the background is ready (for timing)."""
         self._train.wait_until_compiled()
 
+    def synchronize(self) -> None:
+        jax.block_until_ready(self.state)
+
+    def call_memory_mb(self, batch_indices: np.ndarray, augmentation: np.ndarray | None = None) -> float | None:
+        """XLA's memory analysis of the compiled call: arguments, outputs and scratch, the donated
+        state counted once."""
+        try:
+            m = self.compiled_call(batch_indices, augmentation).memory_analysis()
+        except Exception:  # not every backend reports it
+            return None
+        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**20
+
+    def snapshot(self) -> State:
+        return jax.tree.map(jnp.copy, self.state)  # a copy: the next step donates the state it is given
+
+    def restore_snapshot(self, snapshot: State) -> None:
+        self.state = jax.tree.map(jnp.copy, snapshot)  # the snapshot stays usable after the next step
+
     def compile_seconds(self) -> float:
         """Seconds spent compiling, in any thread, since the previous call (or since the trainer
         was made): metrics.jsonl's compile_time_s."""

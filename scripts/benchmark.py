@@ -30,7 +30,6 @@ framework; the default recipe in fp32 and bf16.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -97,10 +96,28 @@ def make_trainer(framework: str, variant: str, cfg, train, total_steps: int = 10
         return JaxTrainer(cfg, train, total_steps, loop="scan" if variant == "epoch_step" else None)
     from torch_ref.train import TorchTrainer
 
-    trainer = TorchTrainer(cfg, train, total_steps, compile_mode=TORCH_COMPILE[variant])
+    trainer = TorchTrainer(cfg, train, total_steps)
+    if TORCH_COMPILE[variant]:
+        trainer.forward = compiled(trainer.model, TORCH_COMPILE[variant])
     if variant.endswith("_bf16"):
         trainer.train_steps = in_bf16_autocast(trainer.train_steps, trainer.device.type)
     return trainer
+
+
+def compiled(model, mode: str):
+    """The model's forward and backward under torch.compile; "reduce-overhead" replays them as
+    CUDA graphs, which may reuse the last step's memory, so each call starts a new step."""
+    import torch
+
+    program = torch.compile(model, mode=mode, dynamic=False)
+    if mode != "reduce-overhead":
+        return program
+
+    def forward(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return program(*args)
+
+    return forward
 
 
 def in_bf16_autocast(train_steps, device_type: str):
@@ -119,18 +136,7 @@ def warm_up(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> No
     """One call, then waits for JAX's fused program if it compiles in the background
     (jax_impl/speed.py), so that every timed call runs the program it is timed for."""
     trainer.train_steps(batch_indices, shifts)
-    getattr(trainer, "wait_until_compiled", lambda: None)()  # JAX only
-
-
-def synchronize(framework: str, trainer) -> None:
-    if framework == "jax":
-        import jax
-
-        jax.block_until_ready(trainer.state)
-    elif trainer.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(trainer.device)
+    trainer.wait_until_compiled()
 
 
 def make_path(framework: str, variant: str, batch_size: int, train, base):
@@ -150,20 +156,9 @@ def make_path(framework: str, variant: str, batch_size: int, train, base):
         for _ in range(max(1, k // per_call)):
             trainer.train_steps(*pool[calls % len(pool)])
             calls += 1
-        synchronize(framework, trainer)
+        trainer.synchronize()
 
     return trainer, run, per_call, pool[0]
-
-
-def xla_analysis(trainer, batch_indices: np.ndarray, shifts: np.ndarray | None) -> dict:
-    """The device memory one compiled call needs (its arguments, outputs and scratch, donated
-    state counted once)."""
-    try:
-        m = trainer.compiled_call(batch_indices, shifts).memory_analysis()
-        total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        return {"device_mb": total / 2**20}
-    except Exception:  # not every backend reports it
-        return {"device_mb": None}
 
 
 def one_step_cost(batch: int, train, base) -> dict:
@@ -198,25 +193,7 @@ def precision_of(framework: str, variant: str, on_gpu: bool) -> str:
     return f"allow_tf32 matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}"
 
 
-TORCH_PEAK_BYTES = [0]  # the process's peak, kept across the per-path resets below
-
-
-def torch_device_mb(trainer, run, per_call: int) -> float | None:
-    """The CUDA memory one call of a PyTorch path needs at its peak: the trainer's own tensors
-    (training set, parameters, gradients, Adam moments) plus what the call allocates on top."""
-    import torch
-
-    if trainer.device.type != "cuda":
-        return None
-    TORCH_PEAK_BYTES[0] = max(TORCH_PEAK_BYTES[0], torch.cuda.max_memory_allocated(trainer.device))
-    tensors = [trainer.images, trainer.labels, trainer.numbers, *trainer.model.parameters()]
-    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
-    tensors += [t for state in trainer.opt.state.values() for t in state.values() if torch.is_tensor(t)]
-    own = sum(t.numel() * t.element_size() for t in tensors)
-    torch.cuda.reset_peak_memory_stats(trainer.device)
-    before = torch.cuda.memory_allocated(trainer.device)
-    run(per_call)
-    return (own + torch.cuda.max_memory_allocated(trainer.device) - before) / 2**20
+TORCH_PEAK_BYTES = [0]  # the process's CUDA peak, kept across the trainers' per-call resets
 
 
 def peak_rss_mb() -> float:
@@ -428,15 +405,16 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lam
             row = {"framework": framework, "variant": variant, "batch_size": batch, "steps_per_call": path["per_call"],
                    "steps_measured": len(path["times"]) * path["per_call"], "compile_s": path["compile_s"],
                    **summary(path["times"], batch), **cost, "precision": precision_of(framework, variant, on_gpu)}
-            if framework == "jax":
-                row.update(xla_analysis(path["trainer"], *path["first"]))
-            else:
-                row["device_mb"] = torch_device_mb(path["trainer"], path["run"], path["per_call"])
+            if framework == "torch" and path["trainer"].device.type == "cuda":
+                import torch
+
+                TORCH_PEAK_BYTES[0] = max(TORCH_PEAK_BYTES[0], torch.cuda.max_memory_allocated(path["trainer"].device))
+            row["device_mb"] = path["trainer"].call_memory_mb(*path["first"])
             if suite == "cpu" and not args.quick:
                 row.update(child_memory(args, framework, variant, batch))
             results.append(row)
         for path in live.values():
-            getattr(path["trainer"], "close", lambda: None)()  # JAX's background compile thread
+            path["trainer"].close()  # JAX's background compile thread
         del live
         if ("jax", "train_step_2dev") in paths:
             results.append(two_devices_row(args, batch, rounds * block, cost.get("flops_per_step")))
@@ -508,25 +486,6 @@ def training_runs(suite: str, results: list[dict], torch_device: str) -> list[di
             {"name": "default bf16", "framework": "jax", "variant": "train_step_bf16", "cfg": base, "until_target": False}]
 
 
-def snapshot(framework: str, trainer):
-    """The training state, to train again from it after a warm-up."""
-    if framework == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        return jax.tree.map(jnp.copy, trainer.state)  # the step donates the state it is given
-    return copy.deepcopy({"model": trainer.model.state_dict(), "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict()})
-
-
-def restore(framework: str, trainer, saved) -> None:
-    if framework == "jax":
-        trainer.state = saved
-        return
-    trainer.model.load_state_dict(saved["model"])  # copies into the same parameters: compiled graphs stay valid
-    trainer.opt.load_state_dict(saved["opt"])
-    trainer.sched.load_state_dict(saved["sched"])
-
-
 def prepare_run(run: dict, max_epochs: int | None, plan) -> None:
     """Builds the run's trainer and compiles and warms it up on a copy of its initial state
     (compile_s), every shape an epoch uses."""
@@ -538,11 +497,11 @@ def prepare_run(run: dict, max_epochs: int | None, plan) -> None:
     run["trainer"] = trainer = make_trainer(run["framework"], run["variant"], cfg, train, steps_per_epoch(cfg, len(train)) * cfg.epochs)
     run["chunk"] = trainer.steps_per_call
     batches, shifts = plan(run, 1)
-    start, saved = time.perf_counter(), snapshot(run["framework"], trainer)
+    start, saved = time.perf_counter(), trainer.snapshot()
     for size in sorted({min(run["chunk"], len(batches) - i) for i in range(0, len(batches), run["chunk"])}):
         warm_up(trainer, batches[:size], None if shifts is None else shifts[:size])
-    synchronize(run["framework"], trainer)
-    restore(run["framework"], trainer, saved)
+    trainer.synchronize()
+    trainer.restore_snapshot(saved)
     run["compile_s"] = time.perf_counter() - start
 
 
@@ -554,7 +513,7 @@ def train_epoch(run: dict, epoch: int, plan) -> None:
     start = time.perf_counter()
     for i in range(0, len(batches), run["chunk"]):
         trainer.train_steps(batches[i : i + run["chunk"]], None if shifts is None else shifts[i : i + run["chunk"]])
-    synchronize(run["framework"], trainer)
+    trainer.synchronize()
     elapsed = time.perf_counter() - start
     run["train_s"] += elapsed
     m = score(*trainer.predict(run["test"].images, run["test"].numbers), run["test"].labels, run["test"].numbers)

@@ -77,10 +77,10 @@ def test_every_accelerator_path_runs_here(splits, framework, variant):
     B.warm_up(trainer, *first)
     run(2 * per_call)
     if framework == "jax":
-        assert B.xla_analysis(trainer, *first)["device_mb"] > 0
+        assert trainer.call_memory_mb(*first) > 0
         assert {x.dtype.name for x in jax.tree.leaves(trainer.state["params"])} == {"float32"}  # bf16 computes, float32 is kept
     else:
-        assert B.torch_device_mb(trainer, run, per_call) is None  # CUDA memory only
+        assert trainer.call_memory_mb(*first) is None  # CUDA memory only
         assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # autocast computes in bf16, float32 is kept
 
 
@@ -106,9 +106,9 @@ def test_a_warm_up_on_a_snapshot_leaves_training_unchanged(splits, framework, va
     batches, shifts = epoch_plan(cfg, len(split), 1)
     plain = B.make_trainer(framework, variant, cfg, split, 100)
     warmed = B.make_trainer(framework, variant, cfg, split, 100)
-    saved = B.snapshot(framework, warmed)
+    saved = warmed.snapshot()
     B.warm_up(warmed, batches, shifts)
-    B.restore(framework, warmed, saved)
+    warmed.restore_snapshot(saved)
     np.testing.assert_array_equal(plain.train_steps(batches, shifts), warmed.train_steps(batches, shifts))
 
 

@@ -4,6 +4,7 @@ gathered and cropped there, so one code path serves both."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,7 @@ def environment(device: torch.device) -> dict:
 class TorchTrainer:
     """The PyTorch side of `common.loop.Trainer`."""
 
-    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None,
-                 compile_mode: str | None = None):
-        """`compile_mode` (the benchmark's): None trains eagerly, else torch.compile's mode for the
-        model's forward and backward ("default", "reduce-overhead": with CUDA graphs)."""
+    def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None):
         self.cfg, self.device = cfg, resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = SumNet(cfg).to(self.device)  # initialised on the CPU: the same weights on every device
@@ -126,8 +124,7 @@ class TorchTrainer:
         self.numbers = torch.tensor(train_split.numbers, dtype=torch.long, device=self.device)
         self.steps_per_call = steps_per_call(cfg, on_cpu=self.device.type == "cpu")
         self.run_dir = run_dir
-        self.compile_mode = compile_mode
-        self._forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode, dynamic=False)
+        self.forward = self.model  # what the steps call: scripts/benchmark.py puts torch.compile's in its place
 
     def batch_images(self, idx: torch.Tensor, augmentation: torch.Tensor | None) -> torch.Tensor:
         """The images (b, 28, 28) of one batch as the step sees them (uint8; float pixels when
@@ -145,11 +142,9 @@ class TorchTrainer:
         losses = []
         self.model.train()
         for k in range(len(idx)):
-            if self.compile_mode == "reduce-overhead":  # a new step: the CUDA graphs may reuse the last one's memory
-                torch.compiler.cudagraph_mark_step_begin()
             self.opt.zero_grad(set_to_none=True)
             images = self.batch_images(idx[k], None if placed is None else placed[k])
-            loss = loss_fn(self._forward, preprocess(images), self.numbers[idx[k]], self.labels[idx[k]],
+            loss = loss_fn(self.forward, preprocess(images), self.numbers[idx[k]], self.labels[idx[k]],
                            self.cfg.label_smoothing, self.cfg.sum_weight)
             loss.backward()
             self.opt.step()
@@ -172,6 +167,36 @@ class TorchTrainer:
         if self.run_dir is not None:
             restored = checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched)
         return None if restored is None else Position.from_json(restored)
+
+    def wait_until_compiled(self) -> None:
+        pass  # nothing compiles in the background
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def call_memory_mb(self, batch_indices: np.ndarray, augmentation: np.ndarray | None = None) -> float | None:
+        """CUDA memory at the peak of one call: the trainer's own tensors (training set,
+        parameters, gradients, Adam moments) plus what the call allocates on top. Runs the call."""
+        if self.device.type != "cuda":
+            return None
+        tensors = [self.images, self.labels, self.numbers, *self.model.parameters()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for state in self.opt.state.values() for t in state.values() if torch.is_tensor(t)]
+        own = sum(t.numel() * t.element_size() for t in tensors)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.train_steps(batch_indices, augmentation)
+        return (own + torch.cuda.max_memory_allocated(self.device) - before) / 2**20
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                              "sched": self.sched.state_dict()})
+
+    def restore_snapshot(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot["model"])  # copies into the same parameters: compiled graphs stay valid
+        self.opt.load_state_dict(snapshot["opt"])
+        self.sched.load_state_dict(snapshot["sched"])
 
     def compile_seconds(self) -> None:
         """Not measured: eager PyTorch compiles nothing, and torch.compile's time falls inside the
