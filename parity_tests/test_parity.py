@@ -1,5 +1,5 @@
 """JAX and PyTorch agree: structure, forward, loss, gradients, one update, a training trajectory.
-Every check runs for every design, on real MNIST; tolerances are explained in parity.py."""
+Every check runs for every design, on real MNIST; tolerances are explained in parity/measure.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from common.config import DESIGNS
-from parity_tests import parity as P
-from parity_tests.convert import ShapeMismatch, flax_to_torch, torch_to_flax
+from parity import measure as P
+from parity.convert import ShapeMismatch, flax_to_torch, torch_to_flax
 from torch_ref.model import SumNet as TorchSumNet
 
 TOL = P.TOLERANCES

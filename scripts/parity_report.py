@@ -35,7 +35,7 @@ def main() -> None:
     from common import data as D
     from common.data import locate, load_mnist, make_splits
     from common.integrity import write_atomically
-    from parity_tests import parity as P
+    from parity import measure as P
     from torch_ref import train as ttrain
 
     torch_device = ttrain.resolve_device(args.device)  # --device cuda without a GPU: one line, before any work

@@ -24,7 +24,7 @@ from common.errors import ConfigError
 from common.loop import epoch_plan
 from jax_impl import speed
 from jax_impl import train as jtrain
-from parity_tests import parity as P
+from parity import measure as P
 from torch_ref import train as ttrain
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ class SumNet(nn.Module):
         """images (n, 1, 28, 28) normalised float32; numbers (n,) int64 -> (digit logits, sum logits)."""
         x = F.max_pool2d(F.relu(self.conv1(images)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.flatten(1)  # (c, h, w) order; jax_impl flattens (h, w, c): parity_tests/convert.py maps them
+        x = x.flatten(1)  # (c, h, w) order; jax_impl flattens (h, w, c): parity/convert.py maps them
         one_hot = F.one_hot(numbers, NUM_DIGITS).to(x.dtype)
         if self.design == "flatten":
             h = F.relu(self.fc(torch.cat([x, one_hot], dim=1)))

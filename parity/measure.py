@@ -40,7 +40,7 @@ from common import data as D
 from common.config import Config
 from common.loop import epoch_plan
 from jax_impl import train as jtrain
-from parity_tests.convert import flax_to_torch, torch_to_flax
+from parity.convert import flax_to_torch, torch_to_flax
 from torch_ref import train as ttrain
 from torch_ref.model import SumNet as TorchSumNet
 
