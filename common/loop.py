@@ -1,5 +1,5 @@
 """The epoch loop both frameworks share: batch order, progress, metrics, checkpoints.
-A framework plugs in through the small `Trainer` interface."""
+A framework plugs in through the `Trainer` protocol."""
 
 from __future__ import annotations
 
