@@ -1,4 +1,5 @@
-"""Every error a user may see, each shown as one line, and how an OSError is put in one line.
+"""The errors a user may see, each shown as one line (common/images.py's ImageError is a
+UserError that carries its image's path), and how an OSError is put in one line.
 The bottom of the project: it imports nothing of it, and every module may import it. The exit
 code each class gives is `common.cli.run_main`'s."""
 

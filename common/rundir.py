@@ -108,13 +108,9 @@ def _claim(cfg: Config) -> RunFolder:
             refuse_foreign(path)  # before the lock file is made: a folder not ours gets no file of ours
     except OSError as e:
         raise UserError(f"cannot read the run folder: {os_error_line(e, path)}") from None
+    run = RunFolder(path, fresh, created, default, None, created_parent)
     try:
-        lock = take_lock(path)
-    except UserError:
-        release_after_failure(RunFolder(path, fresh, created, default, None, created_parent))
-        raise
-    run = RunFolder(path, fresh, created, default, lock, created_parent)
-    try:
+        run._lock = take_lock(path)
         if fresh:
             make_room(path, cfg.overwrite)
         else:
