@@ -22,9 +22,11 @@ ACCELERATOR_STEPS_PER_CALL = 16
 MAX_SEED = 2**31 - 1  # JAX's and NumPy's seeds both take it; larger ones overflow int32 keys
 
 
-def setting(default, group: str, help: str, choices: tuple | None = None, low=None, high=None):
-    """A Config field with its --help line, its group, and its allowed values (checked by `validate`)."""
-    return field(default=default, metadata={"group": group, "help": help, "choices": choices, "low": low, "high": high})
+def setting(default, group: str, help: str, choices: tuple | None = None, low=None, high=None, flag: str | None = None):
+    """A Config field with its --help line, its group, and its allowed values (checked by `validate`).
+    `flag`: the command-line name where it is not the field's (users' commands keep theirs)."""
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices, "low": low, "high": high,
+                                            "flag": flag})
 
 
 # The groups, in the order --help shows them. "model" and "recipe" decide what is trained:
@@ -83,9 +85,10 @@ class Config:
     dry_run: bool = setting(False, "run", "a smoke run: one epoch of 5 steps, 500 test images")
     compile_cache: bool = setting(True, "run", "keep compiled XLA programs in the user cache so later starts skip "
                                   "compiling (JAX)")
-    device: str = setting("auto", "devices", "PyTorch's device: auto (cuda if available), cpu or cuda",
-                          choices=TORCH_DEVICES)
-    devices: int = setting(0, "devices", "JAX: data-parallel over the first N devices (0: all)", low=0, high=65_536)
+    torch_device: str = setting("auto", "devices", "PyTorch's device: auto (cuda if available), cpu or cuda",
+                                choices=TORCH_DEVICES, flag="device")
+    jax_devices: int = setting(0, "devices", "JAX: data-parallel over the first N devices (0: all)", low=0,
+                               high=65_536, flag="devices")
     steps_per_call: int = setting(0, "devices", "JAX: training steps fused into one compiled call (0: one on a CPU, "
                                   f"{ACCELERATOR_STEPS_PER_CALL} on an accelerator)", low=0, high=256)
     coordinator: str | None = setting(None, "devices", "HOST:PORT of process 0, to train with several processes (JAX)")
@@ -96,7 +99,7 @@ class Config:
     def validate(self) -> "Config":
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            flag = "--" + f.name.replace("_", "-")
+            flag = flag_of(f)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{flag} must be a finite number, got {value}")
             if meta["choices"] and value not in meta["choices"]:
@@ -145,6 +148,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def flag_of(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata["flag"] or f.name).replace("_", "-")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of the Config field `name`."""
+    return flag_of(next(f for f in fields(Config) if f.name == name))
+
+
 def steps_per_call(cfg: Config, on_cpu: bool) -> int:
     """--steps-per-call, or where it is 0 the default for where the steps run. One on a CPU:
     fusing steps saves little there, and compiling the fused program made a cold start's first
@@ -173,7 +185,7 @@ def _help(f: dataclasses.Field, default) -> str:
 
 def preset_flags(name: str) -> str:
     """What a preset sets, as the flags that would set it."""
-    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in PRESETS[name].items())
+    flags = " ".join(f"{flag(key)} {value}" for key, value in PRESETS[name].items())
     return flags or "no overrides"
 
 
@@ -191,13 +203,13 @@ def build_parser(description: str, defaults: Config) -> argparse.ArgumentParser:
     parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
     groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
     for f in fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        flag, default = flag_of(f), getattr(defaults, f.name)
         group = groups[f.metadata["group"]]
         if f.type in (bool, "bool"):
             action = argparse.BooleanOptionalAction if f.default else "store_true"
-            group.add_argument(flag, action=action, help=_help(f, default if f.default else None))
+            group.add_argument(flag, dest=f.name, action=action, help=_help(f, default if f.default else None))
         else:
-            group.add_argument(flag, type=_flag_type(f), metavar=_metavar(f), help=_help(f, default))
+            group.add_argument(flag, dest=f.name, type=_flag_type(f), metavar=_metavar(f), help=_help(f, default))
     return parser
 
 
@@ -222,9 +234,15 @@ def _parse(argv: list[str] | None, description: str) -> tuple[Config, dict]:
 
 
 # The layout of a run's config.json (its "format"; docs/runs.md, "Run files from other versions").
-# 1: "format" itself, and every Config field. 0 (no "format"): the versions before, each of
-# which wrote the fields its Config had.
-CONFIG_FORMAT = 1
+# 2: PyTorch's device and JAX's device count named apart (RENAMED). 1: "format" itself, and
+# every Config field. 0 (no "format"): the versions before, each of which wrote the fields its
+# Config had.
+CONFIG_FORMAT = 2
+# Fields a config.json of format <= F holds under an older name: {old name: (F, new name)}.
+RENAMED: dict[str, tuple[int, str]] = {
+    "device": (1, "torch_device"),
+    "devices": (1, "jax_devices"),
+}
 # The fields a config.json of format <= F may lack, because the versions that wrote it did not
 # have them yet, each with the value those versions trained and ran with: (F, value). Any other
 # field missing is an error naming it (no version left out a field it had). A field added later
@@ -233,7 +251,7 @@ ADDED_LATER: dict[str, tuple[int, object]] = {
     "preset": (0, "default"),  # before named recipes; the recipe's values are all in the file
     "holdout_pairs": (0, 0),  # no pairs held out
     "precision": (0, "fp32"),
-    "devices": (0, 1),  # JAX trained on one device
+    "jax_devices": (0, 1),  # JAX trained on one device
     "coordinator": (0, None),  # one process
     "num_processes": (0, 1),
     "process_id": (0, 0),
@@ -244,7 +262,7 @@ ADDED_LATER: dict[str, tuple[int, object]] = {
     "compile_cache": (0, False),  # no persistent compilation cache yet
     # PyTorch trained on the CPU, but the device is a launch's own choice (--resume may give
     # another), and a JAX run holding "cpu" would be warned about a flag it never had.
-    "device": (0, "auto"),
+    "torch_device": (0, "auto"),
     "rotate": (0, 0.0),  # no rotation or scaling
     "scale": (0, 0.0),
 }
@@ -311,6 +329,8 @@ def settings_of_format(values: dict, version: int, path: Path) -> tuple[dict, li
     """(the Config fields of a saved config, missing ones filled by ADDED_LATER, and the names
     this version does not know)."""
     known = [f.name for f in fields(Config)]
+    values = {(RENAMED[name][1] if name in RENAMED and version <= RENAMED[name][0] else name): value
+              for name, value in values.items()}
     filled = {name: ADDED_LATER[name][1] for name in known
               if name not in values and name in ADDED_LATER and version <= ADDED_LATER[name][0]}
     missing = [name for name in known if name not in values and name not in filled]
@@ -351,7 +371,7 @@ def resolve(argv: list[str] | None, description: str) -> Config:
     saved = saved_config(run_dir)
     changed = [name for name in RECIPE_FIELDS if name in given and given[name] != getattr(saved, name)]
     if changed:
-        flags = ", ".join(f"--{n.replace('_', '-')} {given[n]} (the run has {getattr(saved, n)})" for n in changed)
+        flags = ", ".join(f"{flag(n)} {given[n]} (the run has {getattr(saved, n)})" for n in changed)
         raise ConfigError(f"--resume {run_dir} continues the run's own recipe; cannot change {flags}. "
                        "Start a new run with --out instead")
     if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():

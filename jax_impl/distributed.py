@@ -38,7 +38,7 @@ def mesh_devices(cfg: Config) -> list:
     """The devices of the data axis: the first devices/num_processes of each process, process by
     process, so each process's part of a batch is one contiguous slice."""
     available, processes = jax.device_count(), jax.process_count()
-    n = cfg.devices or available
+    n = cfg.jax_devices or available
     if n > available:
         raise ConfigError(f"--devices {n}: only {available} device(s) available ({jax.default_backend()})")
     if n % processes:

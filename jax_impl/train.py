@@ -296,8 +296,8 @@ def run(cfg: Config) -> list[dict]:
     speed.tune_cpu_process()  # before JAX starts; nothing where it will compute on a GPU
     enable_compile_cache(cfg.compile_cache)
     distributed.initialize(cfg)  # several processes: join them before anything touches a device
-    if cfg.device != "auto":  # PyTorch's flag; JAX chooses its backend itself
-        print(f"warning: --device {cfg.device} is PyTorch's (train_torch.py); JAX trains on its default backend, "
+    if cfg.torch_device != "auto":  # PyTorch's flag; JAX chooses its backend itself
+        print(f"warning: --device {cfg.torch_device} is PyTorch's (train_torch.py); JAX trains on its default backend, "
               f"{jax.default_backend()} (JAX_PLATFORMS chooses)", file=sys.stderr)
     distributed.data_mesh(cfg)  # --devices and --batch-size checked before any output
     return run_training(cfg, JaxTrainer, environment(), write_outputs=jax.process_index() == 0,

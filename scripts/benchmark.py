@@ -80,7 +80,7 @@ def path_config(framework: str, variant: str, batch_size: int, base, n_train: in
     if variant == "single_step":
         cfg = replace(cfg, steps_per_call=1)
     if variant == "train_step_2dev":
-        cfg = replace(cfg, devices=2)
+        cfg = replace(cfg, jax_devices=2)
     if variant.endswith("_bf16"):
         cfg = replace(cfg, precision="bf16")
     if variant == "epoch_step":
@@ -212,7 +212,7 @@ def probe_memory(spec: str, device: str) -> None:
     from common.loop import load_splits
 
     train, _ = load_splits(Config())
-    _, run, per_call, first = make_path(framework, variant, int(batch), train, replace(Config(), device=device))
+    _, run, per_call, first = make_path(framework, variant, int(batch), train, replace(Config(), torch_device=device))
     run(per_call)
     run(10 * per_call)
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
@@ -368,7 +368,7 @@ def bench_steps(args, suite: str, batch_sizes: list[int], train, report_rows=lam
     from common.config import Config
 
     paths = chosen_paths(suite, args.only)
-    base = replace(Config(), device=args.device)
+    base = replace(Config(), torch_device=args.device)
     on_gpu = suite == "accelerator"
     results = []
     for batch in batch_sizes:
@@ -454,11 +454,11 @@ def recipe_flags(cfg) -> str:
     """The flags of train_*.py that give `cfg` (its fields that differ from the defaults)."""
     from dataclasses import fields
 
-    from common.config import Config
+    from common.config import Config, flag
 
     default = Config()
-    return " ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(cfg)
-                    if f.name not in ("device", "preset") and getattr(cfg, f.name) != getattr(default, f.name)) or "(defaults)"
+    return " ".join(f"{flag(f.name)} {getattr(cfg, f.name)}" for f in fields(cfg)
+                    if f.name not in ("torch_device", "preset") and getattr(cfg, f.name) != getattr(default, f.name)) or "(defaults)"
 
 
 def fastest(results: list[dict], framework: str, batch: int, allowed: tuple[str, ...]) -> str:
@@ -472,7 +472,7 @@ def training_runs(suite: str, results: list[dict], torch_device: str) -> list[di
     recipe, and JAX's default recipe in fp32 and bf16 (the bf16 accuracy goal)."""
     from common.config import Config
 
-    base = replace(Config(), device=torch_device)
+    base = replace(Config(), torch_device=torch_device)
     if suite == "cpu":
         return [{"name": "default", "framework": "jax", "variant": "single_step", "cfg": base, "until_target": True},
                 {"name": "default", "framework": "torch", "variant": "eager", "cfg": base, "until_target": True}]

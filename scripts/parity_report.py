@@ -55,7 +55,7 @@ def main() -> None:
                                                             "per_design": reports, "failures": failed}, indent=2, default=str) + "\n").encode()])
 
     for design in designs:
-        reports[design] = P.full_report(P.config_for(design, device=args.device, **small), train, test, *steps)
+        reports[design] = P.full_report(P.config_for(design, torch_device=args.device, **small), train, test, *steps)
         failed[design] = P.failures(reports[design])
         save({})
         print(f"{design}: {'ok' if not failed[design] else 'FAIL ' + '; '.join(failed[design])}")

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if run.warning:
         print(run.warning, file=sys.stderr)
     warn_if_device_unused(args.device, run)
-    run.config = replace(run.config, device=args.device or "auto")  # where to predict is this call's choice
+    run.config = replace(run.config, torch_device=args.device or "auto")  # where to predict is this call's choice
     if args.image is not None:
         items = image_examples(args.image, args.number, args.strict)
     else:

@@ -19,7 +19,7 @@ from common.config import Config
 from common.loop import epoch_plan
 from scripts import benchmark as B
 
-SMALL = replace(Config(), conv1=4, conv2=8, hidden=16, steps_per_call=4, device="cpu")
+SMALL = replace(Config(), conv1=4, conv2=8, hidden=16, steps_per_call=4, torch_device="cpu")
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_training_runs_pick_the_fastest_variant():
     assert by_name[("accelerator", "jax")]["variant"] == "epoch_step"  # no JAX rows: the first choice
     assert by_name[("default bf16", "jax")]["variant"] == "train_step_bf16"
     recipe = by_name[("accelerator", "jax")]["cfg"]
-    assert recipe.batch_size == B.ACCELERATOR_RECIPE["batch_size"] and recipe.device == "cuda"
+    assert recipe.batch_size == B.ACCELERATOR_RECIPE["batch_size"] and recipe.torch_device == "cuda"
     assert "--batch-size 512" in B.recipe_flags(recipe) and "--device" not in B.recipe_flags(recipe)
 
 

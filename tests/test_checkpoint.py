@@ -24,7 +24,7 @@ import torch
 from flax import nnx
 
 from common.errors import CheckpointError, UserError
-from common.config import ADDED_LATER, Config
+from common.config import ADDED_LATER, CONFIG_FORMAT, Config
 from common.integrity import MANIFEST
 from jax_impl import checkpoint as jax_checkpoint
 from jax_impl.train import init_model, make_optimizer
@@ -353,13 +353,13 @@ def test_resume_of_a_run_written_by_a_newer_version_is_one_line_and_touches_noth
     run = Path(shutil.copytree(dry_runs["jax"], tmp_path / "jax"))
     (run / "metrics.jsonl").write_text("")  # something left to resume
     edit_config(run, (lambda s: s["config"].update(new_field_v2=1)) if newer == "unknown_setting"
-                else (lambda s: s.update(format=2)))
+                else (lambda s: s.update(format=CONFIG_FORMAT + 1)))
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     result = resume("jax", run)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     news = "holds settings this version does not know (new_field_v2)" if newer == "unknown_setting" else \
-        "was written by a newer version (config format 2; this one reads 1)"
+        f"was written by a newer version (config format {CONFIG_FORMAT + 1}; this one reads {CONFIG_FORMAT})"
     assert lines == [f"error: --resume {run}: {run / 'config.json'} {news}; resume it with the version that wrote it "
                      "(this one would train without what it does not know, and drop it from config.json)"], result.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
@@ -377,7 +377,7 @@ def as_format_0(saved: dict) -> None:
 def test_an_older_run_resumes_with_the_fields_added_later_filled(framework, dry_runs, tmp_path):
     """A config.json of format 0 without the settings added since: resumed as those versions
     trained (no rotation, no held-out pairs...), without a word about flags nobody gave, and its
-    config.json then written in format 1."""
+    config.json then written in this version's format."""
     run = Path(shutil.copytree(dry_runs[framework], tmp_path / framework))
     (run / "metrics.jsonl").write_text("")
     edit_config(run, as_format_0)
@@ -386,5 +386,5 @@ def test_an_older_run_resumes_with_the_fields_added_later_filled(framework, dry_
     assert "warning" not in result.stderr, result.stderr
     saved = json.loads((run / "config.json").read_text())
     filled = {name: value for name, (_, value) in ADDED_LATER.items() if name != "resume"}  # resume: this launch's
-    assert saved["format"] == 1 and {name: saved["config"][name] for name in filled} == filled
+    assert saved["format"] == CONFIG_FORMAT and {name: saved["config"][name] for name in filled} == filled
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

@@ -65,7 +65,7 @@ def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, mnist_dir):
 
 
 def test_the_torch_trainer_and_its_data_live_on_its_device(splits):
-    trainer = ttrain.TorchTrainer(replace(SMALL, device="cpu"), small_split(splits), total_steps=10)
+    trainer = ttrain.TorchTrainer(replace(SMALL, torch_device="cpu"), small_split(splits), total_steps=10)
     assert trainer.device == torch.device("cpu")
     for t in (trainer.images, trainer.labels, trainer.numbers, *trainer.model.parameters()):
         assert t.device == trainer.device
@@ -219,7 +219,7 @@ def test_torch_runs_keep_freed_memory_only_on_the_cpu(monkeypatch):
     calls = {}
     monkeypatch.setattr(ttrain, "keep_freed_memory", lambda: calls.setdefault("malloc", True))
     monkeypatch.setattr(ttrain, "run_training", lambda cfg, make, env: calls.update(env=env))
-    ttrain.run(replace(Config(), device="cpu"))
+    ttrain.run(replace(Config(), torch_device="cpu"))
     assert calls == {"malloc": True, "env": ttrain.environment(torch.device("cpu"))}
 
 
@@ -227,7 +227,7 @@ def test_the_torch_trainer_takes_one_step_per_call_on_a_cpu_unless_told(splits):
     """The loop hands a trainer `steps_per_call` batches at once: on a CPU one (the default 0),
     else the number given."""
     for given, expected in ((0, 1), (7, 7)):
-        cfg = replace(Config(), device="cpu", steps_per_call=given)
+        cfg = replace(Config(), torch_device="cpu", steps_per_call=given)
         assert ttrain.TorchTrainer(cfg, splits[0], 10).steps_per_call == expected
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from common import plots
 from common.errors import UserError
-from common.config import ADDED_LATER, CONFIG_FORMAT, Config
+from common.config import ADDED_LATER, CONFIG_FORMAT, RENAMED, Config, read_saved_run
 from common.errors import ConfigError
 from common.images import MAX_PIXELS, center_of_mass, load_image, prepare, to_gray
 from common.predictor import load_predictor, read_run
@@ -521,7 +521,7 @@ def _rewrite_config(run: Path, drop: tuple[str, ...] = (), **top) -> None:
 def test_training_writes_the_config_format(runs):
     for run in runs.values():
         saved = json.loads((run / "config.json").read_text())
-        assert saved["format"] == CONFIG_FORMAT == 1 and list(saved)[0] == "format"
+        assert saved["format"] == CONFIG_FORMAT == 2 and list(saved)[0] == "format"
 
 
 # What a config.json of format 1 holds: the settings of the version that introduced the format.
@@ -532,11 +532,30 @@ FORMAT_1_SETTINGS = (
     "devices", "steps_per_call", "coordinator", "num_processes", "process_id")
 
 
-def test_a_setting_added_after_format_1_comes_with_its_fill_rule_and_a_new_format():
-    """Without both, every run written before the setting existed would be refused for lacking it."""
-    added = [f.name for f in fields(Config) if f.name not in FORMAT_1_SETTINGS]
+def test_a_setting_added_or_renamed_after_format_1_comes_with_its_rule_and_a_new_format():
+    """Without both, every run written before the setting existed (or had its new name) would be
+    refused for lacking it."""
+    renamed = {new: old for old, (_, new) in RENAMED.items()}
+    added = [f.name for f in fields(Config) if f.name not in FORMAT_1_SETTINGS and renamed.get(f.name) not in FORMAT_1_SETTINGS]
     assert all(name in ADDED_LATER and ADDED_LATER[name][0] >= 1 for name in added), added
-    assert CONFIG_FORMAT > 1 or not added
+    assert all(renamed[name] in FORMAT_1_SETTINGS and RENAMED[renamed[name]][0] >= 1 for name in renamed)
+    assert CONFIG_FORMAT > 1 or not (added or renamed)
+
+
+def test_a_format_1_run_names_pytorchs_device_and_jaxs_device_count_by_their_old_names(runs, tmp_path):
+    run = _copy_run(runs["torch"], tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    config = saved["config"]
+    config["device"], config["devices"] = "cpu", 1
+    del config["torch_device"], config["jax_devices"]
+    saved["format"] = 1
+    (run / "config.json").write_text(json.dumps(saved))
+    read = read_saved_run(run)
+    assert (read.config.torch_device, read.config.jax_devices, read.unknown, read.format) == ("cpu", 1, [], 1)
+    # in a file of this format the old name is a setting it does not know
+    newer = _copy_run(runs["torch"], tmp_path / "newer")
+    _edit_config(newer, device="cpu")
+    assert read_saved_run(newer).unknown == ["device"]
 
 
 def test_a_field_missing_from_an_older_run_is_named_in_one_line(runs, tmp_path, mnist_dir):
@@ -565,13 +584,13 @@ def test_a_field_missing_from_a_run_of_this_format_is_named_in_one_line(runs, tm
     run = _copy_run(runs["torch"], tmp_path)
     _rewrite_config(run, drop=("rotate", "scale"))  # only format 0 may lack them
     assert_one_line_error(predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir),
-                          "no rotate, scale in it (a config.json of format 1 holds them")
+                          f"no rotate, scale in it (a config.json of format {CONFIG_FORMAT} holds them")
 
 
 def test_a_field_missing_from_a_newer_run_says_which_version_reads_it(runs, tmp_path):
     run = _copy_run(runs["jax"], tmp_path)
     _rewrite_config(run, drop=("design",), format=CONFIG_FORMAT + 1)
-    with pytest.raises(ConfigError, match=r"no design in it \(written by a newer version, config format 2, that does"):
+    with pytest.raises(ConfigError, match=rf"no design in it \(written by a newer version, config format {CONFIG_FORMAT + 1}, that does"):
         read_run(run)
 
 
@@ -595,8 +614,8 @@ def test_a_newer_runs_model_that_differs_is_still_caught_by_the_checkpoint(runs,
     result = predict_cli("--run", run, "--mnist-test-index", 5, "--data-dir", mnist_dir)
     assert result.returncode == 2 and result.stdout == ""
     warning, error = result.stderr.splitlines()
-    assert warning == (f"warning: {run / 'config.json'} was written by a newer version (config format 2; this one "
-                       "reads 1) and holds settings this version does not know (adder_v2); ignoring them")
+    assert warning == (f"warning: {run / 'config.json'} was written by a newer version (config format {CONFIG_FORMAT + 1}; "
+                       f"this one reads {CONFIG_FORMAT}) and holds settings this version does not know (adder_v2); ignoring them")
     assert error.startswith("error: ") and "does not match" in error
     assert _snapshot(run) == before
 

@@ -92,17 +92,17 @@ def test_help_explains_every_flag_in_its_group():
     the choices where there are choices, under its group."""
     from dataclasses import fields
 
-    from common.config import GROUPS, build_parser
+    from common.config import GROUPS, build_parser, flag
 
     parser = build_parser("train", Config())
     titles = {group.title: group for group in parser._action_groups}
     assert set(GROUPS.values()) <= titles.keys()
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        action = next(a for a in titles[GROUPS[f.metadata["group"]]]._group_actions if flag in a.option_strings)
-        assert len(action.help) > 15, flag
+        name = flag(f.name)
+        action = next(a for a in titles[GROUPS[f.metadata["group"]]]._group_actions if name in a.option_strings)
+        assert len(action.help) > 15 and action.dest == f.name, name
         if f.metadata["choices"]:
-            assert all(choice in action.metavar for choice in f.metadata["choices"]), flag
+            assert all(choice in action.metavar for choice in f.metadata["choices"]), name
     text = parser.format_help()
     assert "--design {flatten,digit,numberline}" in text and "--preset {default,fast,best,accelerator}" in text
 

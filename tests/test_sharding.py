@@ -58,7 +58,7 @@ def child(subset: Path, devices: list[int]) -> None:
     shifts = D.epoch_offsets(STEPS, SMALL.batch_size, SMALL.shift, SMALL.seed, 1)
     runs = {}
     for n in devices:
-        trainer = T.JaxTrainer(replace(SMALL, devices=n), split, total_steps=STEPS)
+        trainer = T.JaxTrainer(replace(SMALL, jax_devices=n), split, total_steps=STEPS)
         losses = np.concatenate([trainer.train_steps(batches[i : i + PER_CALL], shifts[i : i + PER_CALL])
                                  for i in range(0, STEPS, PER_CALL)])
         params = T.distributed.local_copy(trainer.state["params"])

@@ -16,11 +16,11 @@ CHUNK = 1024  # images per forward pass: bounds the activations' memory on large
 
 
 def load(run_dir: str | Path, cfg: Config) -> Predictor:
-    """The run's model from RUN_DIR/checkpoint.pt, on `cfg.device` (auto: CUDA when PyTorch sees a
+    """The run's model from RUN_DIR/checkpoint.pt, on `cfg.torch_device` (auto: CUDA when PyTorch sees a
     GPU); problems raise CheckpointError (one line)."""
     model = SumNet(cfg)
     step = checkpoint.load_params(Path(run_dir) / checkpoint.FILE, model)
-    model.to(resolve_device(cfg.device)).eval()
+    model.to(resolve_device(cfg.torch_device)).eval()
 
     def predict(images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         digit, summ = predict_logits(model, np.asarray(images, np.uint8), np.asarray(numbers), CHUNK)

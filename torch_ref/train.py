@@ -114,7 +114,7 @@ class TorchTrainer:
     """The PyTorch side of `common.loop.Trainer`."""
 
     def __init__(self, cfg: Config, train_split: D.Split, total_steps: int, run_dir: Path | None = None):
-        self.cfg, self.device = cfg, resolve_device(cfg.device)
+        self.cfg, self.device = cfg, resolve_device(cfg.torch_device)
         torch.manual_seed(cfg.seed)
         self.model = SumNet(cfg).to(self.device)  # initialised on the CPU: the same weights on every device
         self.opt, self.sched = make_optimizer(cfg, self.model, total_steps)
@@ -209,10 +209,10 @@ class TorchTrainer:
 
 def run(cfg: Config) -> list[dict]:
     """Trains as `cfg` says, writing RUN_DIR outputs; returns the per-epoch metrics."""
-    if cfg.devices > 1 or cfg.precision != "fp32" or cfg.coordinator:
+    if cfg.jax_devices > 1 or cfg.precision != "fp32" or cfg.coordinator:
         raise ConfigError("--devices, --precision and --coordinator are for train_jax.py; the PyTorch reference "
                           "runs on one device in float32")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.torch_device)
     if device.type == "cpu":
         keep_freed_memory()  # a CPU setting (common/malloc.py says why)
     else:
