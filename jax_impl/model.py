@@ -9,7 +9,7 @@ from flax import nnx
 from common.config import Config
 from common.data import NUM_DIGITS, NUM_SUMS
 # The pool and the fc layer on (x, one-hot r), written for speed; same math (ops.py says why).
-from jax_impl.ops import dense_with_number, max_pool_2x2
+from jax_impl.ops import dense_with_number, pool_2x2
 
 
 class NumberLine(nnx.Module):
@@ -39,7 +39,8 @@ class NumberLine(nnx.Module):
 
 
 class SumNet(nnx.Module):
-    """conv3x3 -> relu -> pool -> conv3x3 -> relu -> pool -> flatten, then, by `design`:
+    """conv -> relu -> pool -> conv -> relu -> pool -> flatten (3x3 kernels, padded, by default;
+    `kernel1`, `kernel2` and `padding` choose others), then, by `design`:
 
     - "flatten" (the assignment's): concat one-hot(r) -> fc -> relu -> digit head and sum head.
     - "digit": fc -> relu -> digit head; a small adder MLP reads softmax(digit logits)
@@ -50,9 +51,10 @@ class SumNet(nnx.Module):
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         self.design = cfg.design
-        flat = 7 * 7 * cfg.conv2
-        self.conv1 = nnx.Conv(1, cfg.conv1, (3, 3), padding="SAME", rngs=rngs)
-        self.conv2 = nnx.Conv(cfg.conv1, cfg.conv2, (3, 3), padding="SAME", rngs=rngs)
+        flat = cfg.trunk_sizes()[1] ** 2 * cfg.conv2
+        padding = cfg.padding.upper()
+        self.conv1 = nnx.Conv(1, cfg.conv1, (cfg.kernel1, cfg.kernel1), padding=padding, rngs=rngs)
+        self.conv2 = nnx.Conv(cfg.conv1, cfg.conv2, (cfg.kernel2, cfg.kernel2), padding=padding, rngs=rngs)
         fc_in = flat + NUM_DIGITS if cfg.design == "flatten" else flat
         self.fc = nnx.Linear(fc_in, cfg.hidden, rngs=rngs)
         self.digit_head = nnx.Linear(cfg.hidden, NUM_DIGITS, rngs=rngs)
@@ -66,8 +68,8 @@ class SumNet(nnx.Module):
     def __call__(self, images: jax.Array, numbers: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images (n, 28, 28, 1) normalised float32; numbers (n,) int32 -> (digit logits, sum logits)."""
         # relu(max(.)) == max(relu(.)): relu after pooling touches a quarter of the values.
-        x = jax.nn.relu(max_pool_2x2(self.conv1(images)))
-        x = jax.nn.relu(max_pool_2x2(self.conv2(x)))
+        x = jax.nn.relu(pool_2x2(self.conv1(images)))
+        x = jax.nn.relu(pool_2x2(self.conv2(x)))
         x = x.reshape(x.shape[0], -1)
         if self.design == "flatten":
             h = jax.nn.relu(dense_with_number(self.fc, x, numbers))

@@ -44,6 +44,12 @@ def _max_pool_bwd(saved: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def pool_2x2(x: jax.Array) -> jax.Array:
+    """`max_pool_2x2` of any side: an odd last row or column is dropped, as PyTorch's pool does."""
+    _, h, w, _ = x.shape
+    return max_pool_2x2(x[:, : h - h % 2, : w - w % 2])
+
+
 def dense_with_number(fc: nnx.Linear, x: jax.Array, numbers: jax.Array) -> jax.Array:
     """fc(concat(x, one_hot(numbers))) without building the concatenation: one-hot times a
     matrix is a row lookup (row "fc on `concat(x, one_hot(r))`" of benchmarks/README.md)."""

@@ -143,7 +143,7 @@ def make_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    return optax.adamw(make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+    return optax.adamw(make_schedule(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay)
 
 
 MIN_BATCH = 16  # the smallest call `make_predict` compiles for

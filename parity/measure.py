@@ -37,7 +37,7 @@ import torch
 from flax import nnx
 
 from common import data as D
-from common.config import Config
+from common.config import DESIGNS, PRESETS, Config
 from common.loop import epoch_plan
 from jax_impl import train as jtrain
 from parity.convert import flax_to_torch, torch_to_flax
@@ -279,13 +279,16 @@ def trajectory(pair: Pair, batches: np.ndarray, shifts: np.ndarray | None) -> di
     """Both real training paths for len(batches) steps on the same batches (and augmentation),
     JAX with as many steps per compiled call as train_jax.py would take here."""
     steps_per_call = pair.jax.steps_per_call
+    start = pair.jax_params()
     j_losses = np.concatenate([pair.jax.train_steps(batches[i : i + steps_per_call],
                                                     None if shifts is None else shifts[i : i + steps_per_call])
                                for i in range(0, len(batches), steps_per_call)])
     t_losses = pair.torch.train_steps(batches, shifts)
     rel = np.abs(j_losses - t_losses) / np.abs(t_losses)
+    moved = max(float(np.abs(after - before).max() / np.abs(before).max())
+                for after, before in zip(jax.tree.leaves(pair.jax_params()), jax.tree.leaves(start)))
     return {"trajectory_max_rel_loss_diff": float(rel.max()), "trajectory_first_loss": float(t_losses[0]),
-            "trajectory_final_loss": float(t_losses[-1])}
+            "trajectory_final_loss": float(t_losses[-1]), "trajectory_weights_moved": moved}
 
 
 def structure(cfg: Config) -> dict:
@@ -349,5 +352,17 @@ def failures(report: dict) -> list[str]:
 AUGMENTATION = {"digit": {"rotate": 15.0, "scale": 0.15}}
 
 
-def config_for(design: str, **overrides) -> Config:
-    return replace(Config(), design=design, **{**AUGMENTATION.get(design, {}), **overrides})
+# What is checked: every design, and the model options beside them, each as a design is. The
+# speedrun preset's model and recipe (5x5 then 3x3 unpadded convolutions, Adam's betas, label
+# smoothing, the sum weight), and unpadded 3x3 then 5x5 convolutions, whose feature maps have odd
+# sides (26, then 9) that the pools cut as PyTorch's do.
+CASES: dict[str, dict] = {
+    **{design: {"design": design} for design in DESIGNS},
+    "speedrun": dict(PRESETS["speedrun"]),
+    "valid_3_5": {"design": "digit", "kernel1": 3, "kernel2": 5, "padding": "valid"},
+}
+
+
+def config_for(case: str, **overrides) -> Config:
+    """The Config a parity case checks: a design's name, or another key of CASES."""
+    return replace(Config(), **{**CASES[case], **AUGMENTATION.get(case, {}), **overrides})

@@ -3,11 +3,12 @@ Every check runs for every design, on real MNIST; tolerances are explained in pa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from common.config import DESIGNS
 from parity import measure as P
 from parity.convert import ShapeMismatch, flax_to_torch, torch_to_flax
 from torch_ref.model import SumNet as TorchSumNet
@@ -23,8 +24,8 @@ def no_tf32():
 
 
 # The quick suite checks the digit design (the recipes' and the one trained with the warp); the
-# full one (--runslow, CI) every design.
-@pytest.fixture(scope="module", params=[d if d == "digit" else pytest.param(d, marks=pytest.mark.slow) for d in DESIGNS])
+# full one (--runslow, CI) every design and every other model option (P.CASES).
+@pytest.fixture(scope="module", params=[c if c == "digit" else pytest.param(c, marks=pytest.mark.slow) for c in P.CASES])
 def setup(request, splits):
     cfg = P.config_for(request.param)
     train, test = splits
@@ -35,7 +36,7 @@ def setup(request, splits):
 def test_structure(setup):
     cfg = setup[0]
     s = P.structure(cfg)
-    assert s["flax_param_count"] == s["torch_param_count"] > 100_000
+    assert s["flax_param_count"] == s["torch_param_count"] > 100_000  # the smallest case (speedrun) has 163k
     assert s["flax_shapes"] == s["mapped_shapes"]
     for n, out in s["outputs"].items():
         assert out["jax"] == out["torch"] == ((n, 10), (n, 19))
@@ -56,7 +57,7 @@ def test_weights_round_trip_exactly(setup):
 
 def test_conversion_rejects_other_shapes(setup):
     cfg, _, _, params, _ = setup
-    other = TorchSumNet(P.config_for(cfg.design, conv2=32))
+    other = TorchSumNet(replace(cfg, conv2=cfg.conv2 + 8))
     with pytest.raises(ShapeMismatch, match="conv2"):
         flax_to_torch(params, other.state_dict())
     with pytest.raises(ShapeMismatch, match="conv2"):
@@ -123,9 +124,13 @@ def test_trajectory_of_training_steps_agrees_in_float64(setup):
         r = P.trajectory(pair, batches[:k], None if shifts is None else shifts[:k])
         assert pair.jax_params()["fc"]["kernel"].dtype == np.float64
         assert next(pair.torch.model.parameters()).dtype == torch.float64
-    print(f"{cfg.design}: max relative loss difference over {k} steps {r['trajectory_max_rel_loss_diff']:.2e}")
+    print(f"{cfg.design}: max relative loss difference over {k} steps {r['trajectory_max_rel_loss_diff']:.2e}, "
+          f"weights moved {r['trajectory_weights_moved']:.1e}")
     assert r["trajectory_max_rel_loss_diff"] <= TOL["trajectory_max_rel_loss_diff"]
-    assert r["trajectory_final_loss"] < r["trajectory_first_loss"]  # it trained: not two idle copies
+    # Not two idle copies: some layer's weights moved by far more than float64 rounding, relative
+    # to the layer's largest weight. The loss need not fall: the speedrun case starts at its
+    # label-smoothed floor, and its high peak learning rate stirs it there.
+    assert r["trajectory_weights_moved"] > 1e-3
 
 
 def test_rotated_and_scaled_images_agree(splits):

@@ -1,5 +1,6 @@
 """Measure how closely the JAX implementation and the PyTorch reference agree (checks 1-5 of
-parity_tests/), for every design, and print each figure next to its tolerance.
+parity_tests/), for every design and model option (parity/measure.py: CASES), and print each
+figure next to its tolerance.
 Exit code 1 if any tolerance fails.
 `python scripts/parity_report.py [--data-dir DIR] [--device D] [--json OUT] [--quick]`
 
@@ -31,7 +32,6 @@ def main() -> None:
     import jax
 
     jax.devices()  # JAX starts before torch is imported: on a GPU it checks the cuDNN it finds loaded
-    from common.config import DESIGNS
     from common import data as D
     from common.data import locate, load_mnist, make_splits
     from common.integrity import write_atomically
@@ -40,7 +40,7 @@ def main() -> None:
 
     torch_device = ttrain.resolve_device(args.device)  # --device cuda without a GPU: one line, before any work
     train, test = make_splits(load_mnist(locate(args.data_dir)), seed=0)
-    designs, steps = (DESIGNS[:1], (20, 5)) if args.quick else (DESIGNS, (P.PRETRAIN_STEPS, P.TRAJECTORY_STEPS))
+    designs, steps = (list(P.CASES)[:1], (20, 5)) if args.quick else (list(P.CASES), (P.PRETRAIN_STEPS, P.TRAJECTORY_STEPS))
     small = {"batch_size": 32} if args.quick else {}
     if args.quick:
         test = D.Split(test.images[:1000], test.labels[:1000], test.numbers[:1000])

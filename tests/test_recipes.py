@@ -70,6 +70,19 @@ def test_a_preset_sets_defaults_and_flags_still_win():
     assert resolve([], "test") == Config()
 
 
+@pytest.mark.parametrize("flags, sides", [([], (14, 7)), (["--kernel1", "5", "--padding", "valid"], (12, 5)),
+                                          (["--kernel2", "5", "--padding", "valid"], (13, 4))])
+def test_kernels_and_padding_size_the_fc_layer_in_both_frameworks(flags, sides):
+    """28 - 2 (3x3, unpadded) = 26 pools to 13, an odd side: 13 - 4 = 9 pools to 4, the last row
+    and column dropped, as PyTorch's pool drops them."""
+    from jax_impl.train import init_model
+    from torch_ref.model import SumNet
+
+    cfg = resolve(["--design", "digit", *flags], "test")
+    assert cfg.trunk_sizes() == sides
+    assert init_model(cfg).fc.kernel[...].shape[0] == SumNet(cfg).fc.in_features == sides[1] ** 2 * cfg.conv2
+
+
 def test_holdout_run_reports_unseen_pairs(tmp_path, mnist_dir):
     out = tmp_path / "run"
     result = run_script("--dry-run", "--holdout-pairs", "10", "--out", str(out), "--data-dir", str(mnist_dir))
@@ -80,7 +93,9 @@ def test_holdout_run_reports_unseen_pairs(tmp_path, mnist_dir):
 
 
 @pytest.mark.parametrize("args, message", [(["--preset", "fastest"], "--preset must be one of"),
-                                           (["--holdout-pairs", "60"], "--holdout-pairs must be in 0..50")])
+                                           (["--holdout-pairs", "60"], "--holdout-pairs must be in 0..50"),
+                                           (["--kernel1", "4"], "--kernel1 must be one of 3, 5, got 4"),
+                                           (["--padding", "full"], "--padding must be one of same, valid")])
 def test_bad_recipe_flags_give_one_line_and_exit_2(args, message, tmp_path):
     result = run_script(*args, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and message in result.stderr
@@ -102,9 +117,9 @@ def test_help_explains_every_flag_in_its_group():
         action = next(a for a in titles[GROUPS[f.metadata["group"]]]._group_actions if name in a.option_strings)
         assert len(action.help) > 15 and action.dest == f.name, name
         if f.metadata["choices"]:
-            assert all(choice in action.metavar for choice in f.metadata["choices"]), name
+            assert all(str(choice) in action.metavar for choice in f.metadata["choices"]), name
     text = parser.format_help()
-    assert "--design {flatten,digit,numberline}" in text and "--preset {default,fast,best,accelerator}" in text
+    assert "--design {flatten,digit,numberline}" in text and "--preset {default,fast,speedrun,best,accelerator}" in text
 
 
 @pytest.mark.parametrize("design", DESIGNS)

@@ -31,9 +31,10 @@ class SumNet(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.design = cfg.design
-        flat = 7 * 7 * cfg.conv2
-        self.conv1 = nn.Conv2d(1, cfg.conv1, 3, padding=1)
-        self.conv2 = nn.Conv2d(cfg.conv1, cfg.conv2, 3, padding=1)
+        flat = cfg.trunk_sizes()[1] ** 2 * cfg.conv2
+        pad = (lambda k: k // 2) if cfg.padding == "same" else (lambda k: 0)  # odd kernels: Flax's SAME
+        self.conv1 = nn.Conv2d(1, cfg.conv1, cfg.kernel1, padding=pad(cfg.kernel1))
+        self.conv2 = nn.Conv2d(cfg.conv1, cfg.conv2, cfg.kernel2, padding=pad(cfg.kernel2))
         self.fc = nn.Linear(flat + NUM_DIGITS if cfg.design == "flatten" else flat, cfg.hidden)
         self.digit_head = nn.Linear(cfg.hidden, NUM_DIGITS)
         if cfg.design == "numberline":

@@ -86,7 +86,7 @@ def make_optimizer(cfg: Config, model: SumNet, total_steps: int):
     # Same math as optax.adamw: decoupled weight decay, eps outside the square root. On CUDA the
     # fused kernel: one launch per step instead of several per parameter (same formula).
     fused = next(model.parameters()).is_cuda
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=fused or None)
     knots = lr_knots(cfg, total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, knots) / cfg.lr)
