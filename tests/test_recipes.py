@@ -83,6 +83,19 @@ def test_kernels_and_padding_size_the_fc_layer_in_both_frameworks(flags, sides):
     assert init_model(cfg).fc.kernel[...].shape[0] == SumNet(cfg).fc.in_features == sides[1] ** 2 * cfg.conv2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_jax.py", "train_torch.py"])
+def test_the_speedrun_preset_reaches_99_percent_in_its_one_epoch(script, tmp_path, mnist_dir):
+    """Seed 0 of the recipe judged over 10 seeds (docs/results.md, "Speedrun"). The bound is the
+    recipe's per-seed floor, 98.8%: seed 0 measured 99.1-99.2% on both heads in both frameworks,
+    and another CPU's float32 rounding moves a seed by hundredths, not tenths."""
+    out = tmp_path / "run"
+    result = run_script("--preset", "speedrun", "--out", str(out), "--data-dir", str(mnist_dir), script=script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert min(metrics["test_digit_acc"], metrics["test_sum_acc"]) >= 0.988, metrics
+
+
 def test_holdout_run_reports_unseen_pairs(tmp_path, mnist_dir):
     out = tmp_path / "run"
     result = run_script("--dry-run", "--holdout-pairs", "10", "--out", str(out), "--data-dir", str(mnist_dir))
