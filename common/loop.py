@@ -163,11 +163,13 @@ class EpochLoop:
             self.log.log_epoch(position.metrics)
         return position
 
-    def train_epoch(self, position: Position) -> list[float]:
+    def train_epoch(self, position: Position, stop: int | None = None) -> list[float]:
         """The epoch's steps from `position` on, `trainer.steps_per_call` per call; returns all the
-        epoch's losses. After a signal: a mid-epoch checkpoint, then Interrupted."""
+        epoch's losses. `stop`: only the steps before it (the benchmark's short epochs and its
+        evaluations within an epoch, bench/). After a signal: a mid-epoch checkpoint, then Interrupted."""
         epoch, per_call = position.epoch, self.trainer.steps_per_call
         batches, augmentation = epoch_plan(self.cfg, self.n_train, epoch)
+        batches, augmentation = batches[:stop], None if augmentation is None else augmentation[:stop]
         losses = list(position.losses)
         with tqdm(total=len(batches), initial=position.step, desc=f"epoch {epoch}/{self.epochs}", leave=False,
                   unit="step") as bar:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "jax_impl", "torch_ref", "parity", "parity_tests", "scripts")
+PACKAGES = ("common", "jax_impl", "torch_ref", "parity", "parity_tests", "scripts", "bench")
 
 
 def module_of(path: Path) -> str:
