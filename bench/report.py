@@ -134,7 +134,7 @@ def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
     target = f"{100 * s['target']:.1f}%"
     seeds = "seed 0" if s["seeds"] == 1 else f"seeds 0-{s['seeds'] - 1}"
     lines = ["", f"Speedrun: `--preset speedrun` (`{s['recipe']}`), {seeds}, JAX and PyTorch "
-             f"({s['torch_variant']}) in turn seed by seed, each from a fresh trainer and a cold start; the clock runs from building the "
+             f"({s['torch_variant']}) in turn seed by seed, each from a fresh trainer and a {s.get('start', 'cold')} start{' (JAX: its programs from a compilation cache a warm-up run filled)' if s.get('start') == 'warm' else ' (nothing compiled before)'}; the clock runs from building the "
              f"trainer to the end of its last step, compilation included, the test set's scoring ({s['evals_per_epoch']} "
              "times an epoch) excluded" + (" (--quick: a few steps)" if s["quick"] else "") + ":", "",
              f"| framework | variant | reached {target} digit and sum | time to {target} s, mean ± std | min-max | "

@@ -1,1 +1,1 @@
-"""Command-line entry points; `benchmark` is imported by its tests as a module."""
+"""Command-line entry points; the benchmark's pieces live in bench/."""

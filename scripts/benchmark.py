@@ -124,8 +124,11 @@ def parse_args() -> tuple[argparse.Namespace, list[int], list[str]]:
                              "variants from the steps in --json when run alone), starts (process starts), speedrun "
                              "(--preset speedrun over --seeds seeds, compilation included)")
     parser.add_argument("--seeds", type=int, default=10, help="speedrun: seeds 0..N-1 per framework")
-    parser.add_argument("--speedrun-torch", choices=speedrun.TORCH_VARIANTS, default="eager",
-                        help="speedrun: the PyTorch variant (channels_last: the NHWC layout)")
+    parser.add_argument("--speedrun-start", choices=("cold", "warm"), default="cold",
+                        help="speedrun: JAX compiles every program (a first start), or loads them from a "
+                             "compilation cache a warm-up run filled (a user's later starts)")
+    parser.add_argument("--speedrun-torch", choices=speedrun.TORCH_VARIANTS, default="channels_last",
+                        help="speedrun: the PyTorch variant (channels_last, the NHWC layout, was its fastest on a CPU: benchmarks/README.md)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="speedrun: the curves' plot "
                         "(default: NAME-speedrun.png beside --markdown, else beside --json)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",

@@ -85,7 +85,7 @@ def test_the_jax_environment_names_its_device():
 def test_torch_batches_and_crops_equal_jaxs(splits, device):
     """The images PyTorch's trainer feeds, gathered and cropped on its device, are JAX's."""
     split = small_split(splits)
-    cfg = replace(SMALL, device=device)
+    cfg = replace(SMALL, torch_device=device)
     trainer = ttrain.TorchTrainer(cfg, split, total_steps=10)
     batches, shifts = epoch_plan(cfg, len(split), 1)
     assert shifts is not None and len(np.unique(shifts)) == 2 * cfg.shift + 1  # every offset occurs
@@ -103,7 +103,7 @@ def test_a_torch_training_step_sees_exactly_those_images(splits, device):
     """train_steps gathers, crops and normalises the batch it is given, on its device: its loss is
     the loss of the JAX-cropped images under the same weights."""
     split = small_split(splits)
-    cfg = replace(SMALL, device=device)
+    cfg = replace(SMALL, torch_device=device)
     trainer = ttrain.TorchTrainer(cfg, split, total_steps=10)
     batches, shifts = epoch_plan(cfg, len(split), 1)
     images = np.array(jtrain.translate(jnp.asarray(split.images)[batches[1]], jnp.asarray(shifts[1]), cfg.shift))
@@ -122,7 +122,7 @@ def test_torch_chunks_change_nothing(splits, device):
     """Reading the losses once per chunk instead of once per step trains alike (exactly on a CPU;
     a GPU's backward sums may be ordered differently from run to run)."""
     split = small_split(splits)
-    cfg = replace(SMALL, device=device)
+    cfg = replace(SMALL, torch_device=device)
     batches, shifts = epoch_plan(cfg, len(split), 1)
     chunked, stepwise = (ttrain.TorchTrainer(cfg, split, total_steps=10) for _ in range(2))
     with P.exact_float32():
