@@ -188,6 +188,15 @@ def steps_per_call(cfg: Config, on_cpu: bool) -> int:
     return cfg.steps_per_call or (1 if on_cpu else ACCELERATOR_STEPS_PER_CALL)
 
 
+class FlagsWhole(argparse.HelpFormatter):
+    """Wraps help lines between words only: argparse would break "--warmup-epochs" at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints the whole usage; one line is kinder
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -223,7 +232,7 @@ def _metavar(f: dataclasses.Field) -> str:
 def build_parser(description: str, defaults: Config) -> argparse.ArgumentParser:
     """Every Config field as a flag, grouped, each with one line of help. Flags a user does not
     give are left out of the parsed namespace (SUPPRESS), so `resolve` can tell them apart."""
-    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS, formatter_class=FlagsWhole)
     groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
     for f in fields(Config):
         flag, default = flag_of(f), getattr(defaults, f.name)
