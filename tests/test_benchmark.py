@@ -218,7 +218,7 @@ def test_the_speedrun_alternates_the_frameworks_seed_by_seed(quick_speedrun):
     report, _ = quick_speedrun
     section = report["speedrun"]
     assert [(r["seed"], r["framework"], r["variant"]) for r in section["runs"]] == [
-        (0, "jax", "default"), (0, "torch", "eager"), (1, "jax", "default"), (1, "torch", "eager")]
+        (0, "jax", "default"), (0, "torch", "channels_last"), (1, "jax", "default"), (1, "torch", "channels_last")]
     assert section["preset"] == "speedrun" and section["seeds"] == 2 and section["quick"]
     assert "--batch-size 256" in section["recipe"] and "--seed" not in section["recipe"]
     assert "results" not in report and "time_to_accuracy" not in report  # the other parts did not run
@@ -261,4 +261,4 @@ def test_the_speedrun_plot_is_a_png_beside_the_markdown(quick_speedrun):
     plot = out / "sr-speedrun.png"
     assert report["speedrun"]["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "sr.md").read_text()
-    assert "](sr-speedrun.png)" in text and "| 1 | torch | eager |" in text and "| jax | default | 0 of 2 |" in text
+    assert "](sr-speedrun.png)" in text and "| 1 | torch | channels_last |" in text and "| jax | default | 0 of 2 |" in text
