@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-NUM_DIGITS = 10  # the one-hot(r) columns of design "flatten"'s fc layer
+from common.data import NUM_DIGITS  # the one-hot(r) columns of design "flatten"'s fc layer
 
 
 class ShapeMismatch(ValueError):
