@@ -15,11 +15,13 @@
 #   probe       versions (CUDA, cuDNN), devices, one convolution and one matmul forward and
 #               backward in each framework on the GPU against the CPU      -> probe.json
 #   benchmark   step rows at batch 512, 128, 2048, 8192 as time allows     -> benchmark.json, .md
+#   speedrun    --preset speedrun, both frameworks seed by seed from a warm compilation cache,
+#               as many of 10 seeds as fit (into benchmark.json, .md)  -> benchmark-speedrun.png
 #   time_to_99  each framework's fastest variant of the accelerator recipe to 99%, then JAX's
 #               default recipe in fp32 and bf16 (into benchmark.json, .md)
 #   parity      the parity report, design by design                        -> parity.json
 #   tests       tests/test_devices.py
-# OUT_DIR stays flat and small (the device tool brings back 8 files): those files, log.md (each
+# OUT_DIR stays flat and small (the device tool brings back 8 files): those 6 files, log.md (each
 # stage's output, streamed as it comes), summary.json and summary.md (rewritten before and after
 # every stage: a stage "running" in a summary whose "finished" is false was cut there).
 # --full stops in its first seconds when MNIST is missing, and the probe stops the check when
@@ -91,14 +93,17 @@ if [ "$MODE" = full ]; then
     # falls back to the CPU (seen on a CPU machine), so the probe checks the backend it got.
     export JAX_PLATFORMS=cuda,cpu
     EXPECT=gpu BUDGET=300
-    STAGES="probe:30 benchmark:110 time_to_99:60 parity:55 tests:30"
+    STAGES="probe:30 benchmark:90 speedrun:75 time_to_99:45 parity:35 tests:20"
+    # PyTorch eager with cudnn.benchmark: channels_last, its CPU choice, is unmeasured on a GPU.
+    SPEEDRUN_TORCH=eager
     BENCH_ARGS="--batch-sizes 512,128,2048,8192" QUICK=""
     TESTS_K=""
 else
     export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
     # About twice what each stage takes on a 2-core CPU shared with other work.
-    EXPECT=cpu BUDGET=540
-    STAGES="probe:60 benchmark:150 time_to_99:90 parity:170 tests:60"
+    EXPECT=cpu BUDGET=600
+    STAGES="probe:60 benchmark:150 speedrun:60 time_to_99:90 parity:170 tests:60"
+    SPEEDRUN_TORCH=channels_last
     BENCH_ARGS="--batch-sizes 16 --only train_step,single_step,eager" QUICK="--quick"
     TESTS_K="auto_is_cuda or batches_and_crops or sees_exactly or exact_float32 or stay_off"
 fi
@@ -133,7 +138,7 @@ state = ("passed" if passed else "FAILED") if finished else f"not finished (runn
 rows = "\n".join(f"| {s['stage']} | {s['status']} | {s['seconds'] if s['seconds'] is not None else '-'} | {s['cap_s']} |" for s in stages)
 write_atomically(out / "summary.md", [(f"# Accelerator check ({mode}): {state}, {elapsed} s of {budget}\n\n"
                                        f"| stage | status | seconds | cap s |\n|---|---|---:|---:|\n{rows}\n\n"
-                                       "Outputs: probe.json, benchmark.json/.md, parity.json; each stage's output in log.md.\n").encode()])
+                                       "Outputs: probe.json, benchmark.json/.md, benchmark-speedrun.png, parity.json; each stage's output in log.md.\n").encode()])
 EOF
 }
 
@@ -260,6 +265,14 @@ benchmark() {
         --time-budget "$((LIMIT - 5))" $BENCH_ARGS $QUICK
 }
 
+# The speedrun's rows: both frameworks in turn, seed by seed, JAX from a compilation cache a
+# warm-up run filled (the figure after compilation that the H200 goal names); the plot beside.
+speedrun() {
+    # shellcheck disable=SC2086
+    "$PY" scripts/benchmark.py --part speedrun --speedrun-start warm --speedrun-torch "$SPEEDRUN_TORCH" \
+        --json "$OUT/benchmark.json" --markdown "$OUT/benchmark.md" --time-budget "$((LIMIT - 5))" $QUICK
+}
+
 time_to_99() {
     # shellcheck disable=SC2086
     "$PY" scripts/benchmark.py --part training --json "$OUT/benchmark.json" --markdown "$OUT/benchmark.md" \
@@ -276,8 +289,8 @@ tests() {
     "$PY" -m pytest -q -p no:cacheprovider --runslow tests/test_devices.py ${TESTS_K:+-k "$TESTS_K"}
 }
 
-export -f probe benchmark time_to_99 parity tests
-export OUT PY EXPECT BENCH_ARGS QUICK TESTS_K
+export -f probe benchmark speedrun time_to_99 parity tests
+export OUT PY EXPECT BENCH_ARGS QUICK TESTS_K SPEEDRUN_TORCH
 echo "accelerator check ($MODE) into $OUT, budget ${BUDGET}s; MNIST from $MNIST_DIR"
 write_summary
 FAILED=0

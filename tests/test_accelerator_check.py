@@ -19,8 +19,9 @@ import pytest
 
 from conftest import DEVICE_COMMAND, PREPARE_COMMAND, ROOT, copy_checkout, device_env, start_device_command
 
-STAGES = ["probe", "benchmark", "time_to_99", "parity", "tests"]
-OUTPUTS = ["benchmark.json", "benchmark.md", "log.md", "parity.json", "probe.json", "summary.json", "summary.md"]
+STAGES = ["probe", "benchmark", "speedrun", "time_to_99", "parity", "tests"]
+OUTPUTS = ["benchmark-speedrun.png", "benchmark.json", "benchmark.md", "log.md", "parity.json", "probe.json", "summary.json",
+           "summary.md"]
 DEVICE_FILES_BACK = 8  # the device tool brings back at most 8 files from OUT
 
 
@@ -83,6 +84,11 @@ def test_the_rehearsal_runs_every_stage_and_keeps_its_files_flat(accelerator_reh
     assert parity["designs_done"] and not parity["failures"]["warp"]
     bench = json.loads((out / "benchmark.json").read_text())
     assert bench["results"] and all(t["finished"] for t in bench["time_to_accuracy"])  # the rest: tests/test_benchmark.py
+    # The speedrun's rows survive the training stage that rewrites the report after it; JAX loads
+    # its programs from the cache the warm-up filled.
+    speedrun = bench["speedrun"]
+    assert speedrun["start"] == "warm" and [r["framework"] for r in speedrun["runs"]] == ["jax", "torch"] * 2
+    assert "](benchmark-speedrun.png)" in (out / "benchmark.md").read_text()
     log = (out / "log.md").read_text()
     assert all(f"{stage}: ok after" in log for stage in STAGES)
 
@@ -103,7 +109,7 @@ def test_a_kill_part_way_leaves_valid_json_and_says_what_was_cut(tmp_path, devic
     every_json_parses(out)
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["finished"] and summary["passed"] is None and summary["running"] == "benchmark"
-    assert statuses(out) == {"probe": "ok", "benchmark": "running", "time_to_99": "pending", "parity": "pending", "tests": "pending"}
+    assert statuses(out) == {"probe": "ok", "benchmark": "running", **{s: "pending" for s in STAGES[2:]}}
     assert "compare" in json.loads((out / "probe.json").read_text())
     assert json.loads((out / "benchmark.json").read_text())["machine"]["cores"] >= 1
     assert "## benchmark" in (out / "log.md").read_text()  # streamed: the stage's start is there
