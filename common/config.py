@@ -16,6 +16,7 @@ from common.errors import ConfigError
 
 DESIGNS = ("flatten", "digit", "numberline")
 PADDINGS = ("same", "valid")
+TRUNKS = ("plain", "deep")
 KERNELS = (3, 5)
 PRECISIONS = ("fp32", "bf16")
 TORCH_DEVICES = ("auto", "cpu", "cuda")
@@ -54,6 +55,9 @@ class Config:
     kernel2: int = setting(3, "model", "kernel size of the second convolution (3 or 5)", choices=KERNELS)
     padding: str = setting("same", "model", "padding of both convolutions: same (28x28 -> 7x7 after the two pools) or "
                            "valid (no padding: 5x5 kernels then 3x3 give 5x5, a smaller fc layer)", choices=PADDINGS)
+    trunk: str = setting("plain", "model", "the convolutions before the fc layer: plain (conv, pool, conv, pool: the "
+                         "assignment's) or deep (two blocks of two 3x3 convolutions with batch norm, each block then "
+                         "pooled; --conv1 and --conv2 channels)", choices=TRUNKS)
     hidden: int = setting(256, "model", "width of the fully connected layer", low=1, high=16384)
     adder_hidden: int = setting(64, "model", "width of the adder's hidden layer (design digit)", low=1, high=16384)
     preset: str = setting("default", "recipe", "a named recipe; any flag given beside it wins",
@@ -74,6 +78,9 @@ class Config:
                             "(bilinear, on the device; 0: none)", low=0.0, high=45.0)
     scale: float = setting(0.0, "recipe", "random scaling of each training image by a factor in 1 +- SCALE (0: none)",
                            low=0.0, high=0.5)
+    ema: float = setting(0.0, "recipe", "evaluate and predict with an exponential moving average of the weights "
+                         "(and batch-norm statistics) of this decay per step, e.g. 0.999 (0: off, the trained weights)",
+                         low=0.0, high=0.99999)
     label_smoothing: float = setting(0.0, "recipe", "label smoothing of both cross-entropies, in [0, 1)", low=0.0, high=1.0)
     sum_weight: float = setting(1.0, "recipe", "loss = CE(digit) + SUM_WEIGHT * CE(sum)", low=0.0, high=100.0)
     holdout_pairs: int = setting(0, "recipe", "keep this many (digit, r) pairs out of training, to test unseen "
@@ -122,6 +129,11 @@ class Config:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.holdout_pairs > MAX_HOLDOUT_PAIRS:
             raise ConfigError(f"--holdout-pairs must be in 0..{MAX_HOLDOUT_PAIRS}, got {self.holdout_pairs}")
+        if self.trunk == "deep" and (self.kernel1, self.kernel2, self.padding) != (3, 3, "same"):
+            raise ConfigError("--trunk deep has 3x3 padded convolutions; --kernel1, --kernel2 and --padding are the "
+                              "plain trunk's")
+        if self.trunk == "deep" and self.precision != "fp32":
+            raise ConfigError("--trunk deep trains in float32 only (its batch-norm statistics are kept in float32)")
         if self.process_id >= self.num_processes:
             raise ConfigError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}")
         if self.coordinator is None and (self.num_processes > 1 or self.process_id):
@@ -266,10 +278,11 @@ def _parse(argv: list[str] | None, description: str) -> tuple[Config, dict]:
 
 
 # The layout of a run's config.json (its "format"; docs/runs.md, "Run files from other versions").
-# 2: PyTorch's device and JAX's device count named apart (RENAMED). 1: "format" itself, and
+# 3: the deep trunk and the weight average (ADDED_LATER). 2: PyTorch's device and JAX's device
+# count named apart (RENAMED). 1: "format" itself, and
 # every Config field. 0 (no "format"): the versions before, each of which wrote the fields its
 # Config had.
-CONFIG_FORMAT = 2
+CONFIG_FORMAT = 3
 # Fields a config.json of format <= F holds under an older name: {old name: (F, new name)}.
 RENAMED: dict[str, tuple[int, str]] = {
     "device": (1, "torch_device"),
@@ -307,6 +320,8 @@ ADDED_LATER: dict[str, tuple[int, object]] = {
 
 @dataclass
 class SavedRun:
+    "trunk": (2, "plain"),  # the two-convolution trunk, evaluated with the trained weights
+    "ema": (2, 0.0),
     """A run's config.json, read by `read_saved_run`."""
 
     path: Path  # the config.json

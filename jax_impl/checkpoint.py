@@ -3,7 +3,7 @@ per training step (RUN_DIR/checkpoints/<step>/), each with a SHA256SUMS of its f
 (common/integrity.py) that is checked before anything reads the checkpoint.
 
 `save` blocks until the step is complete; `restore` gives the whole state back (resume),
-`load_params` the parameters alone (prediction)."""
+`load_params` the model's weights alone (prediction)."""
 
 from __future__ import annotations
 
@@ -98,11 +98,12 @@ def restore(mngr: ocp.CheckpointManager, like: Any) -> tuple[Any, dict] | None:
     return restored["state"], meta
 
 
-def load_params(directory: Path, like: Any) -> tuple[Any, int]:
-    """(parameters, training step) of the latest checkpoint in `directory`, checked against its
-    SHA256SUMS and against the names and shapes of `like` (a pytree of jax.ShapeDtypeStruct),
-    placed on the first device. The optimiser state stays on disk. Every problem is a
-    CheckpointError."""
+def load_params(directory: Path, like: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(weights, training step) of the latest checkpoint in `directory`: the entries of the saved
+    state that `like` names ("params", and "batch_stats" or "ema" where the run has them), each a
+    pytree of jax.ShapeDtypeStruct. Checked against its SHA256SUMS and against the names and
+    shapes of `like`, placed on the first device. The optimiser state stays on disk. Every
+    problem is a CheckpointError."""
     directory = Path(directory).absolute()
     steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()) if directory.is_dir() else []
     if not steps:
@@ -115,23 +116,24 @@ def load_params(directory: Path, like: Any) -> tuple[Any, int]:
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         with orbax_quiet():
-            stored = checkpointer.metadata(folder / "state").item_metadata.tree["params"]
+            stored = checkpointer.metadata(folder / "state").item_metadata.tree
+        stored = {name: stored[name] for name in like if name in stored}
     except Exception as e:  # noqa: BLE001 - checksums passed: a layout this code does not know
         raise CheckpointError(f"{folder}: corrupted checkpoint, no parameters found "
                               f"({type(e).__name__}: {first_line(e)})") from None
     require_same_shapes(str(folder), shapes(like), shapes(stored))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), like)}
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), like)
     try:
         with orbax_quiet():
             args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                           partial_restore=True)
-            params = checkpointer.restore(folder / "state", args=args)["params"]
+            weights = checkpointer.restore(folder / "state", args=args)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{folder}: cannot restore the parameters ({type(e).__name__}: {first_line(e)})") from None
-    if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)):
+    if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(weights)):
         raise CheckpointError(f"{folder}: the checkpoint holds non-finite parameters")
-    return params, steps[-1]
+    return weights, steps[-1]
 
 
 def shapes(tree: Any) -> dict[str, tuple]:

@@ -50,6 +50,13 @@ def pool_2x2(x: jax.Array) -> jax.Array:
     return max_pool_2x2(x[:, : h - h % 2, : w - w % 2])
 
 
+def mean_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2, NHWC, even sides (the deep trunk's). Its gradient spreads
+    evenly over each window, so unlike max-pooling's it does not hang on which of several equal
+    values comes first (jax_impl/model.py says why that matters there)."""
+    return _windows(x).mean(axis=(2, 4))
+
+
 def dense_with_number(fc: nnx.Linear, x: jax.Array, numbers: jax.Array) -> jax.Array:
     """fc(concat(x, one_hot(numbers))) without building the concatenation: one-hot times a
     matrix is a row lookup (row "fc on `concat(x, one_hot(r))`" of benchmarks/README.md)."""

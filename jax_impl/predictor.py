@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -21,12 +22,16 @@ def load(run_dir: str | Path, cfg: Config) -> Predictor:
     """The run's model from RUN_DIR/checkpoints; problems raise CheckpointError (one line)."""
     enable_compile_cache()
     # Shapes only: initialising the weights for real costs seconds of op-by-op compilation.
-    graphdef, like = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
-    params, step = checkpoint.load_params(Path(run_dir) / "checkpoints", like)
+    model = nnx.eval_shape(lambda: init_model(cfg))
+    model.eval()  # batch norm with its running statistics
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    like = {"params": params, **({"batch_stats": batch_stats} if jax.tree.leaves(batch_stats) else {})}
+    saved, step = checkpoint.load_params(Path(run_dir) / "checkpoints", {"ema": like} if cfg.ema else like)
+    weights = saved["ema"] if cfg.ema else saved  # the weight average, which the run evaluated with
     logits = make_predict(graphdef, chunk=MAX_BATCH)
 
     def predict(images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        digit, summ = logits(params, images, numbers)
+        digit, summ = logits(weights, images, numbers)
         return softmax(digit), softmax(summ)
 
     return Predictor("jax", step, predict)

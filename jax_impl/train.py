@@ -24,7 +24,9 @@ from common.schedule import lr_knots
 from jax_impl import checkpoint, distributed, speed
 from jax_impl.model import SumNet
 
-State = dict[str, Any]  # {"params": ..., "opt_state": ...}: everything a step changes
+# Everything a step changes: {"params", "opt_state"}, with "batch_stats" (the deep trunk's batch
+# norm) and "ema" (--ema: the weight average, params and batch_stats) where the run has them.
+State = dict[str, Any]
 Batch = tuple[jax.Array, jax.Array, jax.Array]  # normalised images (n, 28, 28, 1), numbers r, digit labels
 
 
@@ -47,22 +49,49 @@ def loss_fn(model: SumNet, images: jax.Array, numbers: jax.Array, labels: jax.Ar
 
 def train_step(state: State, batch: Batch, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                cfg: Config) -> tuple[State, jax.Array]:
-    """One AdamW step: the batch's loss through the model, its gradient, the update."""
+    """One AdamW step: the batch's loss through the model, its gradient, the update. Batch norm's
+    running statistics are not trained: the model updates them as it runs, and they come out
+    of the loss beside it. The weight average follows the new weights."""
 
     def loss_of(params):
-        return loss_fn(as_model(graphdef, params, cfg.precision), *batch, cfg.label_smoothing, cfg.sum_weight)
+        model = as_model(graphdef, params, cfg.precision, state.get("batch_stats"))
+        loss = loss_fn(model, *batch, cfg.label_smoothing, cfg.sum_weight)
+        return loss, nnx.state(model, nnx.BatchStat) if "batch_stats" in state else None
 
-    loss, grads = jax.value_and_grad(loss_of)(state["params"])
+    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+    new = {**state, "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    if batch_stats is not None:
+        new["batch_stats"] = batch_stats
+    if "ema" in state:
+        new["ema"] = average(state["ema"], model_weights(new), cfg.ema)
+    return new, loss
 
 
-def as_model(graphdef: nnx.GraphDef, params, precision: str = "fp32") -> Callable:
-    """The model with these parameters. Under bf16 it computes in bfloat16: parameters and images
-    cast here (the gradient flows back through the cast to the float32 parameters), logits cast
-    back to float32, so the softmax, the cross-entropy and the mean stay float32."""
+def model_weights(state: State) -> dict:
+    """What the model is made of: its parameters, and the running statistics where it has them."""
+    return {name: state[name] for name in ("params", "batch_stats") if name in state}
+
+
+def average(ema: dict, weights: dict, decay: float) -> dict:
+    """One step of the exponential moving average, of the parameters and of batch norm's running
+    statistics alike (timm's ModelEmaV2): statistics that belong to the averaged weights."""
+    return jax.tree.map(lambda e, w: decay * e + (1 - decay) * w, ema, weights)
+
+
+def eval_weights(state: State) -> dict:
+    """The weights evaluation and prediction use: the average under --ema, else the trained ones."""
+    return state["ema"] if "ema" in state else model_weights(state)
+
+
+def as_model(graphdef: nnx.GraphDef, params, precision: str = "fp32", batch_stats=None) -> Callable:
+    """The model with these parameters (and batch norm's running statistics). Under bf16 it
+    computes in bfloat16: parameters and images cast here (the gradient flows back through the
+    cast to the float32 parameters), logits cast back to float32, so the softmax, the
+    cross-entropy and the mean stay float32 (the deep trunk, whose statistics stay float32, is
+    trained in float32 only: common/config.py)."""
     if precision != "bf16":
-        return nnx.merge(graphdef, params)
+        return nnx.merge(graphdef, params, *([] if batch_stats is None else [batch_stats]), copy=True)
     bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
     model = nnx.merge(graphdef, bf16)
 
@@ -150,23 +179,24 @@ MIN_BATCH = 16  # the smallest call `make_predict` compiles for
 
 
 def make_predict(graphdef: nnx.GraphDef, chunk: int = 1000) -> Callable:
-    """Returns predict(params, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any n.
+    """Returns predict(weights, images_u8, numbers) -> (digit logits, sum logits) as numpy, for any
+    n; `weights` is `eval_weights`' dict and `graphdef` the model's in evaluation mode.
     Calls take a few shapes, so a few compiled programs serve every n: up to `chunk` images are
     padded to a power of two (at least MIN_BATCH), more run `chunk` at a time, the last chunk
     padded (a padded image costs next to nothing). The chunk bounds the activations' memory,
     which is a training run's peak (docs/speed.md, "Memory")."""
 
     @partial(jax.jit, compiler_options=speed.compiler_options())
-    def logits(params, images_u8, numbers):
-        return nnx.merge(graphdef, params)(preprocess(images_u8), numbers)
+    def logits(weights, images_u8, numbers):
+        return nnx.merge(graphdef, *weights.values())(preprocess(images_u8), numbers)
 
-    def predict(params, images_u8: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(weights, images_u8: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(numbers)
         size = call_size(n, chunk)
         pad = max(size, -(-n // size) * size) - n
         images_u8 = np.concatenate([np.asarray(images_u8, np.uint8), np.zeros((pad, 28, 28), np.uint8)])
         numbers = np.concatenate([np.asarray(numbers, np.int32), np.zeros(pad, np.int32)])
-        outs = [logits(params, images_u8[i : i + size], numbers[i : i + size]) for i in range(0, len(numbers), size)]
+        outs = [logits(weights, images_u8[i : i + size], numbers[i : i + size]) for i in range(0, len(numbers), size)]
         digit, summ = (np.concatenate([np.asarray(o[j]) for o in outs])[:n] for j in (0, 1))
         return digit, summ
 
@@ -212,17 +242,24 @@ class JaxTrainer:
         """`loop`: how a compiled call runs its steps (`speed.compile_steps`); None: this backend's default."""
         self._compile_mark = speed.COMPILE_CLOCK.total
         self.mesh = distributed.data_mesh(cfg)
-        graphdef, params = nnx.split(init_model(cfg))
-        self.tx = make_optimizer(cfg, total_steps)
-        # Parameters, optimiser state and the training set on every device of the mesh.
-        self.state = distributed.replicate({"params": params, "opt_state": self.tx.init(params)}, self.mesh)
+        model = init_model(cfg)
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        self.tx = make_optimizer(cfg, total_steps)  # it sees the parameters alone
+        state = {"params": params, "opt_state": self.tx.init(params)}
+        if jax.tree.leaves(batch_stats):
+            state["batch_stats"] = batch_stats
+        if cfg.ema:
+            state["ema"] = jax.tree.map(jnp.copy, model_weights(state))  # a copy: the state is donated
+        # The state and the training set on every device of the mesh.
+        self.state = distributed.replicate(state, self.mesh)
         self.dataset = distributed.replicate({"images": train_split.images, "labels": train_split.labels,
                                               "numbers": train_split.numbers}, self.mesh)
         self.steps_per_call = steps_per_call(cfg, on_cpu=jax.default_backend() == "cpu")
         step = partial(step_on_indices, cfg=cfg, graphdef=graphdef, tx=self.tx, mesh=self.mesh)
         self._train = speed.fused_steps(step, distributed.replicated(self.mesh), self.steps_per_call, self.place_batch,
                                         loop, background=jax.process_count() == 1)
-        self._predict = make_predict(graphdef)
+        model.eval()  # evaluation: batch norm with its running statistics
+        self._predict = make_predict(nnx.graphdef(model))
         self.ckpt = checkpoint.manager(run_dir / "checkpoints") if run_dir else None
 
     def place_batch(self, batch_indices: np.ndarray,
@@ -270,8 +307,8 @@ class JaxTrainer:
 
     def predict(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Evaluates on one device (each process on its own first one) with float32 parameters,
-        whatever the mesh and the precision of training."""
-        return self._predict(distributed.local_copy(self.state["params"]), images, numbers)
+        whatever the mesh and the precision of training; with the weight average under --ema."""
+        return self._predict(distributed.local_copy(eval_weights(self.state)), images, numbers)
 
     def save(self, global_step: int, position: Position) -> None:
         """Blocks until the checkpoint is complete (jax_impl/checkpoint.py: errors, refusals)."""

@@ -521,7 +521,7 @@ def _rewrite_config(run: Path, drop: tuple[str, ...] = (), **top) -> None:
 def test_training_writes_the_config_format(runs):
     for run in runs.values():
         saved = json.loads((run / "config.json").read_text())
-        assert saved["format"] == CONFIG_FORMAT == 2 and list(saved)[0] == "format"
+        assert saved["format"] == CONFIG_FORMAT == 3 and list(saved)[0] == "format"
 
 
 # What a config.json of format 1 holds: the settings of the version that introduced the format.
@@ -755,3 +755,35 @@ def test_plots_write_pngs(splits, tmp_path):
         width, height = _png_size(path)
         assert 300 <= width <= 1200 and 300 <= height <= 1200, (path.name, width, height)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.png", "samples.png", "sums.png"]  # no temp files left
+
+
+# --- a deep-trunk run with a weight average --------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_a_deep_trunk_run_with_a_weight_average_predicts_what_it_evaluated(framework, tmp_path, mnist_dir, splits):
+    """Prediction reads the batch statistics and the weight average from the checkpoint and
+    computes as the run's own evaluation did: inference mode, the average's weights. The dry
+    run scored the first 500 test pairs; the predicted probabilities give back its test loss."""
+    from common.metrics import score
+    from tests.test_train_jax import run_script
+
+    run = tmp_path / "deep"
+    result = run_script("--dry-run", "--trunk", "deep", "--design", "digit", "--ema", "0.5", "--conv1", "8", "--conv2", "16",
+                        "--hidden", "32", "--data-dir", str(mnist_dir), "--out", str(run), script=f"train_{framework}.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (logged,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    _, test = splits
+    images, numbers, labels = test.images[:500], test.numbers[:500], test.labels[:500]
+    digit, summ = load_predictor(read_run(run))(images, numbers)
+    predicted = score(np.log(digit), np.log(summ), labels, numbers)
+    # The same float32 program on the same 500 images (one padded call on either side); the
+    # bar leaves room for a different summation order only, far below what the trained weights
+    # or the batch's statistics in place of the running ones would change.
+    assert predicted["test_loss"] == pytest.approx(logged["test_loss"], rel=1e-5)
+    assert predicted["test_digit_acc"] == logged["test_digit_acc"] and predicted["test_sum_acc"] == logged["test_sum_acc"]
+    answers = json_lines(predict_cli("--run", run, "--mnist-test-index", 7, 8, "--json", "--data-dir", mnist_dir))
+    assert [a["digit"] for a in answers] == [int(d) for d in digit[7:9].argmax(1)]
+    summary = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(run)], capture_output=True,
+                             text=True, timeout=300)
+    assert summary.returncode == 0, summary.stderr

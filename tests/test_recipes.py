@@ -71,8 +71,9 @@ def test_a_preset_sets_defaults_and_flags_still_win():
 
 
 @pytest.mark.parametrize("flags, sides", [([], (14, 7)), (["--kernel1", "5", "--padding", "valid"], (12, 5)),
-                                          (["--kernel2", "5", "--padding", "valid"], (13, 4))])
-def test_kernels_and_padding_size_the_fc_layer_in_both_frameworks(flags, sides):
+                                          (["--kernel2", "5", "--padding", "valid"], (13, 4)),
+                                          (["--trunk", "deep"], (14, 7))])
+def test_kernels_padding_and_trunk_size_the_fc_layer_in_both_frameworks(flags, sides):
     """28 - 2 (3x3, unpadded) = 26 pools to 13, an odd side: 13 - 4 = 9 pools to 4, the last row
     and column dropped, as PyTorch's pool drops them."""
     from jax_impl.train import init_model
@@ -108,7 +109,9 @@ def test_holdout_run_reports_unseen_pairs(tmp_path, mnist_dir):
 @pytest.mark.parametrize("args, message", [(["--preset", "fastest"], "--preset must be one of"),
                                            (["--holdout-pairs", "60"], "--holdout-pairs must be in 0..50"),
                                            (["--kernel1", "4"], "--kernel1 must be one of 3, 5, got 4"),
-                                           (["--padding", "full"], "--padding must be one of same, valid")])
+                                           (["--padding", "full"], "--padding must be one of same, valid"),
+                                           (["--trunk", "deep", "--kernel1", "5"], "--trunk deep has 3x3 padded"),
+                                           (["--trunk", "deep", "--precision", "bf16"], "--trunk deep trains in float32")])
 def test_bad_recipe_flags_give_one_line_and_exit_2(args, message, tmp_path):
     result = run_script(*args, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and message in result.stderr

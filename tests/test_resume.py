@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # A narrow network and big batches keep each epoch to seconds; the mechanism is the same.
 SMALL = ["--epochs", "2", "--batch-size", "500", "--conv1", "8", "--conv2", "16", "--hidden", "64", "--seed", "3"]
+# The deep trunk and the weight average: batch norm's running statistics and the average are
+# training state beside the parameters.
+DEEP = [*SMALL, "--trunk", "deep", "--design", "digit", "--ema", "0.9"]
 
 
 def command(framework: str, *args: str) -> list[str]:
@@ -31,7 +34,8 @@ def final_params(framework: str, run: Path) -> dict:
     if framework == "torch":
         from torch_ref import checkpoint
 
-        return {k: v.numpy() for k, v in checkpoint.load(run / checkpoint.FILE)["model"].items()}
+        saved = checkpoint.load(run / checkpoint.FILE)
+        return {f"{part}.{k}": v.numpy() for part in ("model", "ema") if part in saved for k, v in saved[part].items()}
     import jax
 
     from jax_impl import checkpoint
@@ -57,10 +61,10 @@ def assert_resumes_identically(framework: str, run: Path, reference: Path) -> No
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def stop_mid_epoch_2(framework: str, run: Path, sig: int) -> subprocess.CompletedProcess | None:
+def stop_mid_epoch_2(framework: str, run: Path, sig: int, flags: list[str] = SMALL) -> subprocess.CompletedProcess | None:
     """Starts a run, waits until epoch 1 is done (logged, so its checkpoint is committed) and a
     few steps of epoch 2 ran, sends `sig`."""
-    proc = subprocess.Popen(command(framework, *SMALL, "--out", str(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(framework, *flags, "--out", str(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not epoch_1_logged(run):
         assert proc.poll() is None, proc.communicate()
@@ -97,6 +101,19 @@ def test_sigkill_mid_epoch_then_resume_is_identical(framework, reference, tmp_pa
 def last_line(stderr: str) -> str:
     """The last line of stderr, after the progress bars (which redraw themselves with \\r)."""
     return stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_a_deep_trunk_run_with_a_weight_average_killed_mid_epoch_resumes_identically(framework, tmp_path):
+    reference = tmp_path / "reference"
+    result = subprocess.run(command(framework, *DEEP, "--out", str(reference)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "killed"
+    assert stop_mid_epoch_2(framework, run, signal.SIGKILL, DEEP).returncode == -signal.SIGKILL
+    assert_resumes_identically(framework, run, reference)
+    names = " ".join(final_params(framework, run))
+    assert "mean" in names and "var" in names and "ema" in names  # the statistics and the average were compared
 
 
 # Each signal once and each framework once: the two signals take one path (common/signals.py,

@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +59,52 @@ def test_a_real_epoch_slice_learns(splits):
     # The flatten design's sum head starts slowly (24% seen here, 98% after 2 epochs); the
     # commonest sum, 9, is 10% of pairs, so > 18% already needs the number and the image.
     assert m["test_sum_acc"] > 0.18
+
+
+DEEP = replace(Config(), trunk="deep", design="digit", conv1=8, conv2=16, hidden=32)
+
+
+def test_the_deep_trunk_trains_its_parameters_and_carries_its_batch_statistics(splits):
+    """The optimiser (and its weight decay) sees the parameters alone; the running statistics
+    move with each training step, beside them in the state; evaluation uses them, so an
+    example's logits do not depend on the examples evaluated with it."""
+    train, test = splits
+    trainer = T.JaxTrainer(replace(DEEP, weight_decay=0.1), train, total_steps=1)
+    state = trainer.state
+    assert set(state) == {"params", "opt_state", "batch_stats"}
+    params, stats = jax.tree.leaves(state["params"]), jax.tree.leaves(state["batch_stats"])
+    assert len(stats) == 8  # mean and variance of 4 batch norms
+    mu = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]  # Adam's moments, no step counters
+    assert [x.shape for x in mu] == 2 * [x.shape for x in params]
+    before = [np.asarray(x) for x in stats]
+    trainer.train_steps(D.epoch_batches(len(train), DEEP.batch_size, 0, 1)[:1])
+    after = jax.tree.leaves(trainer.state["batch_stats"])
+    assert all(not np.array_equal(a, b) for a, b in zip(after, before))
+    together = trainer.predict(test.images[:64], test.numbers[:64])
+    alone = trainer.predict(test.images[:1], test.numbers[:1])
+    # float32: the padded call sizes differ (16 and 64), so the convolutions may sum in another order
+    np.testing.assert_allclose(alone[0][0], together[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_weight_average_changes_what_is_evaluated_and_nothing_that_is_trained(splits):
+    """--ema 0 (the default) keeps the state, the step and the checkpoints as they were; with a
+    decay the average follows the parameters and batch statistics by its rule, and evaluation
+    reads it. Decay 0.5 over 3 steps: w0 / 8 + w1 / 8 + w2 / 4 + w3 / 2."""
+    train, test = splits
+    batches = D.epoch_batches(len(train), DEEP.batch_size, 0, 1)[:3]
+    plain, averaged = (T.JaxTrainer(replace(DEEP, ema=ema), train, total_steps=3) for ema in (0.0, 0.5))
+    assert "ema" not in plain.state and set(averaged.state["ema"]) == {"params", "batch_stats"}
+    seen = [jax.tree.map(np.asarray, T.model_weights(plain.state))]
+    for k in range(3):
+        np.testing.assert_array_equal(plain.train_steps(batches[k : k + 1]), averaged.train_steps(batches[k : k + 1]))
+        seen.append(jax.tree.map(np.asarray, T.model_weights(plain.state)))
+    for a, b in zip(jax.tree.leaves(T.model_weights(plain.state)), jax.tree.leaves(T.model_weights(averaged.state))):
+        np.testing.assert_array_equal(a, b)  # the average never feeds back into training
+    want = jax.tree.map(lambda w0, w1, w2, w3: w0 / 8 + w1 / 8 + w2 / 4 + w3 / 2, *seen)
+    for got, expected in zip(jax.tree.leaves(averaged.state["ema"]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)  # float32: another order of the same sums
+    digit, _ = averaged.predict(test.images[:100], test.numbers[:100])
+    assert not np.allclose(digit, plain.predict(test.images[:100], test.numbers[:100])[0])
 
 
 def test_prediction_covers_every_test_example(splits):

@@ -1,4 +1,5 @@
-"""PyTorch checkpoints: RUN_DIR/checkpoint.pt holds the model, optimiser, scheduler and position.
+"""PyTorch checkpoints: RUN_DIR/checkpoint.pt holds the model, optimiser, scheduler and position,
+and the weight average under --ema.
 The file is one header line, then what torch.save wrote:
 
     mnist-sum checkpoint step=<training step> sha256=<SHA-256 of the rest>
@@ -27,7 +28,7 @@ HEADER = re.compile(rb"mnist-sum checkpoint step=(\d+) sha256=([0-9a-f]{64})")
 
 
 def save(path: Path, step: int, position: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
-         sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+         sched: torch.optim.lr_scheduler.LRScheduler, ema: torch.nn.Module | None = None) -> None:
     """Writes the training state at `step` to `path`, atomically, and returns once it is on disk.
     A step below the one already in `path` is refused (CheckpointError: another run's checkpoint?);
     the same step is replaced. A failed write (an OSError such as a full disk) leaves the old file
@@ -36,16 +37,19 @@ def save(path: Path, step: int, position: dict, model: torch.nn.Module, opt: tor
         raise CheckpointError(f"{path}: holds step {existing}, later than step {step} being saved "
                               "(the checkpoint of another run?)")
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "step": step, "position": position, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buffer)
+    saved = {"format": FORMAT, "step": step, "position": position, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    if ema is not None:
+        saved["ema"] = ema.state_dict()
+    torch.save(saved, buffer)
     payload = buffer.getvalue()
     write_atomically(path, [b"mnist-sum checkpoint step=%d sha256=%s\n" % (step, sha256_bytes(payload).encode()), payload])
 
 
 def restore(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-            sched: torch.optim.lr_scheduler.LRScheduler) -> dict | None:
-    """Loads the checkpoint at `path` into the model, optimiser and scheduler; returns its position
-    (None: there is no checkpoint). A damaged checkpoint raises CheckpointError."""
+            sched: torch.optim.lr_scheduler.LRScheduler, ema: torch.nn.Module | None = None) -> dict | None:
+    """Loads the checkpoint at `path` into the model, optimiser, scheduler and weight average;
+    returns its position (None: there is no checkpoint). A damaged checkpoint raises CheckpointError."""
     if not path.exists():
         return None
     saved = load(path)
@@ -56,19 +60,24 @@ def restore(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: not this run's training state ({type(e).__name__}: {first_line(e)})") from None
     return saved["position"]
 
 
-def load_params(path: Path, model: torch.nn.Module) -> int:
+def load_params(path: Path, model: torch.nn.Module, key: str = "model") -> int:
     """Loads the weights of the checkpoint at `path` into `model`, checked against its SHA-256 and
-    the model's parameter names and shapes; returns its training step. Every problem is a
+    the model's parameter names and shapes; returns its training step. `key`: "model", the
+    trained weights, or "ema", the weight average of an --ema run. Every problem is a
     CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no checkpoint (expected {path}; did training finish an epoch?)")
     saved = load(path)
-    weights = saved["model"]
+    if key not in saved:
+        raise CheckpointError(f"{path}: the checkpoint holds no {key!r} weights (its run's config.json says it should)")
+    weights = saved[key]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     require_same_shapes(str(path), expected, {name: tuple(t.shape) for name, t in weights.items()})
     if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):

@@ -27,14 +27,27 @@ class NumberLine(nn.Module):
         return -self.log_sharpness.exp() * (position[:, None] - self.sum_at) ** 2
 
 
+# jax_impl/model.py's BN_MOMENTUM and BN_EPSILON: PyTorch's defaults, written out.
+BN_MOMENTUM = 0.1
+BN_EPSILON = 1e-5
+
+
 class SumNet(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.design = cfg.design
+        self.design, self.trunk = cfg.design, cfg.trunk
         flat = cfg.trunk_sizes()[1] ** 2 * cfg.conv2
-        pad = (lambda k: k // 2) if cfg.padding == "same" else (lambda k: 0)  # odd kernels: Flax's SAME
-        self.conv1 = nn.Conv2d(1, cfg.conv1, cfg.kernel1, padding=pad(cfg.kernel1))
-        self.conv2 = nn.Conv2d(cfg.conv1, cfg.conv2, cfg.kernel2, padding=pad(cfg.kernel2))
+        if cfg.trunk == "deep":  # no conv bias before a batch norm (jax_impl/model.py says why)
+            conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)  # noqa: E731
+            norm = lambda c: nn.BatchNorm2d(c, eps=BN_EPSILON, momentum=BN_MOMENTUM)  # noqa: E731
+            self.conv1, self.norm1 = conv(1, cfg.conv1), norm(cfg.conv1)
+            self.conv1b, self.norm1b = conv(cfg.conv1, cfg.conv1), norm(cfg.conv1)
+            self.conv2, self.norm2 = conv(cfg.conv1, cfg.conv2), norm(cfg.conv2)
+            self.conv2b, self.norm2b = conv(cfg.conv2, cfg.conv2), norm(cfg.conv2)
+        else:
+            pad = (lambda k: k // 2) if cfg.padding == "same" else (lambda k: 0)  # odd kernels: Flax's SAME
+            self.conv1 = nn.Conv2d(1, cfg.conv1, cfg.kernel1, padding=pad(cfg.kernel1))
+            self.conv2 = nn.Conv2d(cfg.conv1, cfg.conv2, cfg.kernel2, padding=pad(cfg.kernel2))
         self.fc = nn.Linear(flat + NUM_DIGITS if cfg.design == "flatten" else flat, cfg.hidden)
         self.digit_head = nn.Linear(cfg.hidden, NUM_DIGITS)
         if cfg.design == "numberline":
@@ -46,9 +59,7 @@ class SumNet(nn.Module):
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (n, 1, 28, 28) normalised float32; numbers (n,) int64 -> (digit logits, sum logits)."""
-        x = F.max_pool2d(F.relu(self.conv1(images)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.flatten(1)  # (c, h, w) order; jax_impl flattens (h, w, c): parity/convert.py maps them
+        x = self.features(images).flatten(1)  # (c, h, w) order; jax_impl flattens (h, w, c): parity/convert.py maps them
         one_hot = F.one_hot(numbers, NUM_DIGITS).to(x.dtype)
         if self.design == "flatten":
             h = F.relu(self.fc(torch.cat([x, one_hot], dim=1)))
@@ -58,3 +69,14 @@ class SumNet(nn.Module):
             return digit_logits, self.numberline(digit_logits, numbers)
         adder_in = torch.cat([F.softmax(digit_logits, dim=1), one_hot], dim=1)
         return digit_logits, self.sum_head(F.relu(self.adder(adder_in)))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's output, (n, conv2, side, side). Batch norm uses the batch's statistics in
+        training mode, the running ones after `model.eval()`."""
+        if self.trunk == "plain":
+            x = F.max_pool2d(F.relu(self.conv1(images)), 2)
+            return F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.norm1(self.conv1(images)))
+        x = F.avg_pool2d(F.relu(self.norm1b(self.conv1b(x))), 2)  # average: jax_impl/model.py says why
+        x = F.relu(self.norm2(self.conv2(x)))
+        return F.avg_pool2d(F.relu(self.norm2b(self.conv2b(x))), 2)

@@ -19,7 +19,8 @@ def load(run_dir: str | Path, cfg: Config) -> Predictor:
     """The run's model from RUN_DIR/checkpoint.pt, on `cfg.torch_device` (auto: CUDA when PyTorch sees a
     GPU); problems raise CheckpointError (one line)."""
     model = SumNet(cfg)
-    step = checkpoint.load_params(Path(run_dir) / checkpoint.FILE, model)
+    # With --ema the run evaluated with its weight average: prediction uses it too.
+    step = checkpoint.load_params(Path(run_dir) / checkpoint.FILE, model, "ema" if cfg.ema else "model")
     model.to(resolve_device(cfg.torch_device)).eval()
 
     def predict(images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

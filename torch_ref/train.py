@@ -93,6 +93,18 @@ def make_optimizer(cfg: Config, model: SumNet, total_steps: int):
     return opt, sched
 
 
+@torch.no_grad()
+def average(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """jax_impl/train.py's `average`: one step of the exponential moving average, of the
+    parameters and of batch norm's running statistics alike (timm's ModelEmaV2); PyTorch's
+    count of batches, an integer that serves no average here, is copied."""
+    for e, w in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.is_floating_point():
+            e.mul_(decay).add_(w, alpha=1 - decay)
+        else:
+            e.copy_(w)
+
+
 def predict_logits(model: SumNet, images_u8: np.ndarray, numbers: np.ndarray, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """(digit logits, sum logits) as numpy, computed on the model's device, `chunk` images a pass."""
     device = next(model.parameters()).device
@@ -117,6 +129,8 @@ class TorchTrainer:
         self.cfg, self.device = cfg, resolve_device(cfg.torch_device)
         torch.manual_seed(cfg.seed)
         self.model = SumNet(cfg).to(self.device)  # initialised on the CPU: the same weights on every device
+        # --ema: the weight average, which evaluation and prediction use; it never trains.
+        self.ema = copy.deepcopy(self.model).eval() if cfg.ema else None
         self.opt, self.sched = make_optimizer(cfg, self.model, total_steps)
         # Copies (the loaded arrays are read-only), made once: batches are gathered on the device.
         self.images = torch.tensor(train_split.images, device=self.device)
@@ -149,23 +163,26 @@ class TorchTrainer:
             loss.backward()
             self.opt.step()
             self.sched.step()
+            if self.ema is not None:
+                average(self.ema, self.model, self.cfg.ema)
             losses.append(loss.detach())
         return np.asarray(torch.stack(losses).tolist())
 
     def predict(self, images: np.ndarray, numbers: np.ndarray, chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+        """In evaluation mode (batch norm with its running statistics), with the average under --ema."""
         self.model.eval()
-        return predict_logits(self.model, images, numbers, chunk)
+        return predict_logits(self.model if self.ema is None else self.ema, images, numbers, chunk)
 
     def save(self, global_step: int, position: Position) -> None:
         """Blocks until the checkpoint is on disk (torch_ref/checkpoint.py: errors, refusals)."""
         if self.run_dir is not None:
             checkpoint.save(self.run_dir / checkpoint.FILE, global_step, position.to_json(), self.model, self.opt,
-                            self.sched)
+                            self.sched, self.ema)
 
     def restore(self) -> Position | None:
         restored = None
         if self.run_dir is not None:
-            restored = checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched)
+            restored = checkpoint.restore(self.run_dir / checkpoint.FILE, self.model, self.opt, self.sched, self.ema)
         return None if restored is None else Position.from_json(restored)
 
     def wait_until_compiled(self) -> None:
@@ -191,12 +208,14 @@ class TorchTrainer:
 
     def snapshot(self) -> dict:
         return copy.deepcopy({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                              "sched": self.sched.state_dict()})
+                              "sched": self.sched.state_dict(), "ema": None if self.ema is None else self.ema.state_dict()})
 
     def restore_snapshot(self, snapshot: dict) -> None:
         self.model.load_state_dict(snapshot["model"])  # copies into the same parameters: compiled graphs stay valid
         self.opt.load_state_dict(snapshot["opt"])
         self.sched.load_state_dict(snapshot["sched"])
+        if self.ema is not None:
+            self.ema.load_state_dict(snapshot["ema"])
 
     def compile_seconds(self) -> None:
         """Not measured: eager PyTorch compiles nothing, and torch.compile's time falls inside the
