@@ -315,13 +315,13 @@ ADDED_LATER: dict[str, tuple[int, object]] = {
     "padding": (1, "same"),
     "beta1": (1, 0.9),
     "beta2": (1, 0.999),
+    "trunk": (2, "plain"),  # the two-convolution trunk, evaluated with the trained weights
+    "ema": (2, 0.0),
 }
 
 
 @dataclass
 class SavedRun:
-    "trunk": (2, "plain"),  # the two-convolution trunk, evaluated with the trained weights
-    "ema": (2, 0.0),
     """A run's config.json, read by `read_saved_run`."""
 
     path: Path  # the config.json
