@@ -133,7 +133,7 @@ def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
         return []
     target = f"{100 * s['target']:.1f}%"
     seeds = "seed 0" if s["seeds"] == 1 else f"seeds 0-{s['seeds'] - 1}"
-    lines = ["", f"Speedrun: `--preset speedrun` (`{s['recipe']}`), {seeds}, JAX and PyTorch "
+    lines = ["", f"Speedrun: `--preset {s['preset']}` (`{s['recipe']}`), {seeds}, JAX and PyTorch "
              f"({s['torch_variant']}) in turn seed by seed, each from a fresh trainer and a {s.get('start', 'cold')} start{' (JAX: its programs from a compilation cache a warm-up run filled)' if s.get('start') == 'warm' else ' (nothing compiled before)'}; the clock runs from building the "
              f"trainer to the end of its last step, compilation included, the test set's scoring ({s['evals_per_epoch']} "
              "times an epoch) excluded" + (" (--quick: a few steps)" if s["quick"] else "") + ":", "",
@@ -187,7 +187,7 @@ def plot_speedrun(section: dict, path: Path) -> Path:
         ax.axhline(target, color="gray", linestyle="--", label=f"{target:.1f}%")
         ax.set(xlabel="seconds since the trainer was built (compilation in, evaluation out)")
         ax.grid(alpha=0.3)
-    axes[0].set(ylabel="test accuracy, lower of digit and sum (%)", title=f"--preset speedrun, {section['seeds']} seeds")
+    axes[0].set(ylabel="test accuracy, lower of digit and sum (%)", title=f"--preset {section['preset']}, {section['seeds']} seeds")
     axes[1].set(ylim=(target - 2, 100), title=f"near {target:.1f}%")
     axes[0].legend(loc="lower right")
     fig.tight_layout()

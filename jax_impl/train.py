@@ -212,13 +212,16 @@ def init_model(cfg: Config) -> SumNet:
     return SumNet(cfg, nnx.Rngs(cfg.seed))
 
 
-def enable_compile_cache(enabled: bool = True) -> str | None:
+def enable_compile_cache(enabled: bool = True, folder: Path | None = None) -> str | None:
     """JAX's persistent compilation cache in the user cache folder: a later process start loads
     the compiled train step instead of compiling it again. Off with enabled=False or with
-    MNIST_SUM_NO_COMPILE_CACHE=1. Returns the folder (None: off)."""
-    if not enabled or os.environ.get("MNIST_SUM_NO_COMPILE_CACHE"):
-        return None
-    folder = D.cache_dir() / "jax-compile-cache"
+    MNIST_SUM_NO_COMPILE_CACHE=1. `folder`: a cache of the caller's own instead, on whatever
+    the environment says (the benchmark's warm starts must not quietly turn cold). Returns the
+    folder (None: off)."""
+    if folder is None:
+        if not enabled or os.environ.get("MNIST_SUM_NO_COMPILE_CACHE"):
+            return None
+        folder = D.cache_dir() / "jax-compile-cache"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # predict's small programs too
     return str(folder)
