@@ -135,7 +135,8 @@ def test_help_explains_every_flag_in_its_group():
         if f.metadata["choices"]:
             assert all(str(choice) in action.metavar for choice in f.metadata["choices"]), name
     text = parser.format_help()
-    assert "--design {flatten,digit,numberline}" in text and "--preset {default,fast,speedrun,best,accelerator}" in text
+    assert "--design {flatten,digit,numberline}" in text and "--preset {" + ",".join(PRESETS) + "}" in text
+    assert "speedrun-99.5: --design digit --conv1 32 --conv2 64" in " ".join(text.split())  # what each preset sets
 
 
 @pytest.mark.parametrize("design", DESIGNS)
