@@ -85,7 +85,7 @@ def test_loss_and_gradients_agree_in_float64(setup):
         r = P.loss_and_grads(P.Pair(cfg, train, params, 1), train, batches[0], set_apart_kinks=False)
     assert r["examples_compared"] == len(batches[0])
     assert r["loss_rel_diff"] <= TOL["loss_rel_diff_float64"]
-    assert r["grad_max_rel_diff"] <= TOL["grad_max_rel_diff_float64"], r["grad_rel_diff_per_param"]
+    assert r["grad_max_rel_diff"] <= P.tolerances(cfg)["grad_max_rel_diff_float64"], r["grad_rel_diff_per_param"]
 
 
 def test_loss_and_gradients_agree_in_float32(setup):
@@ -94,6 +94,9 @@ def test_loss_and_gradients_agree_in_float32(setup):
     training, whose path differs by CPU (21-23% set apart on an AVX-512 Xeon, 26% reported on an
     AVX2 EPYC): the bound on the set-apart only keeps the comparison from becoming vacuous."""
     cfg, train, _, params, (batches, _) = setup
+    if cfg.trunk == "deep":
+        pytest.skip("batch norm puts many units at relu's kink and ties a batch's examples together, so none can be "
+                    "set apart (P.full_report); the float64 checks compare the deep trunk's gradients and steps")
     r = P.loss_and_grads(P.Pair(cfg, train, params, 1), train, batches[0])
     assert r["examples_compared"] >= 0.5 * len(batches[0]), r["examples_near_relu_kink"]
     assert r["loss_rel_diff"] <= TOL["loss_rel_diff"]
@@ -102,6 +105,9 @@ def test_loss_and_gradients_agree_in_float32(setup):
 
 def test_one_optimizer_step_agrees(setup):
     cfg, train, _, params, (batches, shifts) = setup
+    if cfg.trunk == "deep":
+        pytest.skip("float32 rounding flips units at relu's kink, which batch norm fills, and no example can be set "
+                    "apart (P.full_report); the float64 trajectory compares the deep trunk's steps")
     pair = P.Pair(cfg, train, params, P.TRAJECTORY_STEPS)
     r = P.one_update(pair, batches[0], None if shifts is None else shifts[0])
     assert r["update_max_abs_diff"] <= TOL["update_max_abs_diff"]
@@ -111,8 +117,9 @@ def test_one_optimizer_step_agrees(setup):
 
 
 # The suite follows the first half of the report's trajectory (CI time: float64 steps are slow
-# on a CPU); scripts/parity_report.py runs all TRAJECTORY_STEPS.
-SUITE_TRAJECTORY_STEPS = P.TRAJECTORY_STEPS // 2
+# on a CPU), the deep trunk's first quarter (its float64 step costs about four plain ones: 100
+# took 470 s on a busy 2-core EPYC); scripts/parity_report.py runs all TRAJECTORY_STEPS.
+SUITE_TRAJECTORY_STEPS = {"plain": P.TRAJECTORY_STEPS // 2, "deep": P.TRAJECTORY_STEPS // 4}
 
 
 @pytest.mark.slow
@@ -120,17 +127,52 @@ def test_trajectory_of_training_steps_agrees_in_float64(setup):
     cfg, train, _, params, (batches, shifts) = setup
     with P.float64():
         pair = P.Pair(cfg, train, params, P.TRAJECTORY_STEPS)
-        k = SUITE_TRAJECTORY_STEPS
+        k = SUITE_TRAJECTORY_STEPS[cfg.trunk]
         r = P.trajectory(pair, batches[:k], None if shifts is None else shifts[:k])
         assert pair.jax_params()["fc"]["kernel"].dtype == np.float64
         assert next(pair.torch.model.parameters()).dtype == torch.float64
     print(f"{cfg.design}: max relative loss difference over {k} steps {r['trajectory_max_rel_loss_diff']:.2e}, "
           f"weights moved {r['trajectory_weights_moved']:.1e}")
     assert r["trajectory_max_rel_loss_diff"] <= TOL["trajectory_max_rel_loss_diff"]
+    if cfg.trunk == "deep":  # batch norm's running statistics and the weight average, after the same steps
+        print(f"{cfg.design}: running statistics {r['running_stats_max_rel_diff']:.2e}, average {r['ema_max_rel_diff']:.2e}")
+        assert r["running_stats_max_rel_diff"] <= TOL["running_stats_max_rel_diff"]
+        assert r["ema_max_rel_diff"] <= TOL["ema_max_rel_diff"]
     # Not two idle copies: some layer's weights moved by far more than float64 rounding, relative
     # to the layer's largest weight. The loss need not fall: the speedrun case starts at its
     # label-smoothed floor, and its high peak learning rate stirs it there.
     assert r["trajectory_weights_moved"] > 1e-3
+
+
+def test_batch_norm_keeps_pytorchs_running_statistics_in_jax():
+    """jax_impl/model.py's BatchNorm against torch.nn.BatchNorm2d alone, float64, on batches of
+    real-looking activations (not centred, not of unit variance): outputs and running statistics
+    after each of 5 training steps, then the output in inference mode. nnx.BatchNorm with
+    momentum 0.9 would miss the running variance by the factor n / (n - 1) of each update."""
+    import jax.numpy as jnp
+
+    from jax_impl.model import BatchNorm
+    from torch_ref.model import BN_EPSILON, BN_MOMENTUM
+
+    rng = np.random.default_rng(0)
+    with P.float64():
+        j, t = BatchNorm(3), torch.nn.BatchNorm2d(3, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+        j.scale[...], j.bias[...] = jnp.array([0.5, 1.0, 2.0]), jnp.array([0.1, -0.2, 0.3])
+        with torch.no_grad():
+            t.weight[:], t.bias[:] = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.1, -0.2, 0.3])
+        for _ in range(5):
+            x = rng.normal(3.0, 2.0, (4, 5, 5, 3))  # n * h * w = 100 values a channel: n / (n - 1) = 1.0101
+            out_j, out_t = np.asarray(j(jnp.asarray(x))), t(torch.from_numpy(x).permute(0, 3, 1, 2))
+            # float64 rounding of sums of 100 values: ~1e-15; a different rule errs by ~1e-2
+            np.testing.assert_allclose(out_j, out_t.detach().permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(j.mean[...]), t.running_mean.numpy(), rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(j.var[...]), t.running_var.numpy(), rtol=1e-12)
+        j.use_running_average = True
+        t.eval()
+        x = rng.normal(3.0, 2.0, (2, 5, 5, 3))
+        out_t = t(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(np.asarray(j(jnp.asarray(x))), out_t, rtol=0, atol=1e-12)
+        assert abs(np.asarray(j.var[...]).mean() - 4.0 * (1 - 0.9**5) - 0.9**5) < 0.3  # it tracked the data's variance
 
 
 def test_rotated_and_scaled_images_agree(splits):
