@@ -184,10 +184,9 @@ PRESETS: dict[str, dict] = {
     # The highest test accuracy within about 15 minutes on a 2-core CPU.
     "best": {"design": "digit", "epochs": 30, "label_smoothing": 0.1, "warmup_epochs": 1.0},
     # Toward the single-network record (issue 28, docs/results.md "Toward the MNIST record"):
-    # best's recipe on the deep trunk, rotation and scaling, evaluated with a weight average.
-    # Sized, not yet scored: one epoch took 250 s of training on a 2-core EPYC shared with two
-    # other jobs (2026-12-07), so 10 epochs take 42 minutes there; the issue's 25 minutes needs
-    # the quiet machine to be 1.7x faster, not yet timed, and no seed has run the 10 epochs.
+    # best's recipe on the deep trunk, rotation and scaling, evaluated with a weight average;
+    # 10 epochs, sized to the issue's time per seed. What one seed scored, and what is not yet
+    # measured: docs/results.md, "A deeper trunk".
     "record": {"design": "digit", "trunk": "deep", "epochs": 10, "label_smoothing": 0.1, "warmup_epochs": 1.0,
                "rotate": 10.0, "scale": 0.1, "ema": 0.999},
     # For a GPU (scripts/benchmark.py's accelerator recipe): fewer, larger steps at a higher
