@@ -185,8 +185,7 @@ PRESETS: dict[str, dict] = {
     "best": {"design": "digit", "epochs": 30, "label_smoothing": 0.1, "warmup_epochs": 1.0},
     # Toward the single-network record (issue 28, docs/results.md "Toward the MNIST record"):
     # best's recipe on the deep trunk, rotation and scaling, evaluated with a weight average;
-    # 10 epochs, sized to the issue's time per seed. What one seed scored, and what is not yet
-    # measured: docs/results.md, "A deeper trunk".
+    # 10 epochs: 18 scored no higher (docs/results.md, "A deeper trunk", has the seeds' scores).
     "record": {"design": "digit", "trunk": "deep", "epochs": 10, "label_smoothing": 0.1, "warmup_epochs": 1.0,
                "rotate": 10.0, "scale": 0.1, "ema": 0.999},
     # For a GPU (scripts/benchmark.py's accelerator recipe): fewer, larger steps at a higher
