@@ -68,9 +68,9 @@ TOLERANCES = {
 DEEP_TOLERANCES = {"grad_max_rel_diff_float64": 1e-11}
 
 
-def tolerances(cfg: Config) -> dict:
+def tolerances(trunk: str) -> dict:
     """TOLERANCES, with the deep trunk's own where it has one."""
-    return {**TOLERANCES, **(DEEP_TOLERANCES if cfg.trunk == "deep" else {})}
+    return {**TOLERANCES, **(DEEP_TOLERANCES if trunk == "deep" else {})}
 
 
 WARP_TOLERANCES = {
@@ -412,7 +412,7 @@ def full_report(cfg: Config, train: D.Split, test: D.Split, pretrain_steps: int 
 def failures(report: dict) -> list[str]:
     # A figure only some cases have (batch norm's statistics, the weight average; the plain
     # trunk's float32 gradients and step) is judged where it is.
-    bad = [f"{k} = {report[k]:.3g} > {tol:g}" for k, tol in tolerances(replace(Config(), trunk=report["trunk"])).items()
+    bad = [f"{k} = {report[k]:.3g} > {tol:g}" for k, tol in tolerances(report["trunk"]).items()
            if k != "prediction_agreement" and k in report and report[k] > tol]
     if report["prediction_agreement"] < TOLERANCES["prediction_agreement"]:
         bad.append(f"prediction_agreement = {report['prediction_agreement']:.5f} < 1")

@@ -51,7 +51,8 @@ def main() -> None:
         if args.json:
             done = {"designs_done": list(reports), "designs_left": [d for d in designs if d not in reports], "quick": args.quick,
                     "pretrain_steps": steps[0], "trajectory_steps": steps[1], "test_pairs": len(test), "batch_size": small.get("batch_size"), **extra}
-            write_atomically(Path(args.json), [(json.dumps({**done, "tolerances": {**P.TOLERANCES, **P.WARP_TOLERANCES}, "devices": devices,
+            write_atomically(Path(args.json), [(json.dumps({**done, "tolerances": {**P.TOLERANCES, **P.WARP_TOLERANCES},
+                                                            "deep_trunk_tolerances": P.DEEP_TOLERANCES, "devices": devices,
                                                             "per_design": reports, "failures": failed}, indent=2, default=str) + "\n").encode()])
 
     for design in designs:
@@ -60,20 +61,27 @@ def main() -> None:
         save({})
         print(f"{design}: {'ok' if not failed[design] else 'FAIL ' + '; '.join(failed[design])}")
 
+    def own_bar(design: str, key: str) -> bool:
+        """The case is judged against a bar of its own for this figure (the deep trunk's), not the column's."""
+        return P.tolerances(reports[design]["trunk"])[key] != P.TOLERANCES[key]
+
     print(f"{'figure':32s} {'tolerance':>10s} " + " ".join(f"{d:>12s}" for d in designs))
     for key, tol in P.TOLERANCES.items():
         sign = ">=" if key == "prediction_agreement" else "<="
         # "-": a figure this case does not have (the float32 gradients and batch norm's statistics:
         # parity/measure.py, `full_report`)
-        print(f"{key:32s} {sign}{tol:8.0e} " + " ".join(f"{reports[d][key]:12.3e}" if key in reports[d] else f"{'-':>12s}"
-                                                        for d in designs))
+        print(f"{key:32s} {sign}{tol:8.0e} " + " ".join((f"{reports[d][key]:11.3e}" + ("*" if own_bar(d, key) else " "))
+                                                        if key in reports[d] else f"{'-':>12s}" for d in designs))
+    if any(own_bar(d, k) for d in designs for k in P.TOLERANCES):
+        print("* judged against the deep trunk's own bar: " + ", ".join(f"{k} <= {t:g}" for k, t in P.DEEP_TOLERANCES.items()))
     warp = P.warp_report(train)
     for key, tol in P.WARP_TOLERANCES.items():
         print(f"{key:32s} <={tol:8.0e} {warp[key]:12.3e}  (rotation and scaling, pixel units; every design)")
     failed["warp"] = [f"{k} = {warp[k]:.3g} > {tol:g}" for k, tol in P.WARP_TOLERANCES.items() if warp[k] > tol]
-    # The top-level keys hold the worst case over designs, so one number answers "does it pass?".
-    worst = {k: (min if k == "prediction_agreement" else max)(r[k] for r in reports.values() if k in r)
-             for k in P.TOLERANCES if any(k in r for r in reports.values())}
+    # The top-level keys hold the worst case over the designs judged against "tolerances", so one
+    # number answers "does it pass?"; a case with a bar of its own is judged in "failures".
+    shared = {k: [r[k] for d, r in reports.items() if k in r and not own_bar(d, k)] for k in P.TOLERANCES}
+    worst = {k: (min if k == "prediction_agreement" else max)(values) for k, values in shared.items() if values}
     save({**worst, **warp})
     bad = [f"{d}: {f}" for d, fs in failed.items() for f in fs]
     print("PASS: every figure within tolerance" if not bad else "FAIL: " + "; ".join(bad))
