@@ -78,6 +78,8 @@ class Config:
                             "(bilinear, on the device; 0: none)", low=0.0, high=45.0)
     scale: float = setting(0.0, "recipe", "random scaling of each training image by a factor in 1 +- SCALE (0: none)",
                            low=0.0, high=0.5)
+    elastic: float = setting(0.0, "recipe", "elastic distortion of each training image: every pixel moved by a smooth "
+                             "random field of up to ELASTIC pixels (on the device; 0: none)", low=0.0, high=8.0)
     ema: float = setting(0.0, "recipe", "evaluate and predict with an exponential moving average of the weights "
                          "(and batch-norm statistics) of this decay per step, e.g. 0.999 (0: off, the trained weights)",
                          low=0.0, high=0.99999)
@@ -290,11 +292,10 @@ def _parse(argv: list[str] | None, description: str) -> tuple[Config, dict]:
 
 
 # The layout of a run's config.json (its "format"; docs/runs.md, "Run files from other versions").
-# 3: the deep trunk and the weight average (ADDED_LATER). 2: PyTorch's device and JAX's device
-# count named apart (RENAMED). 1: "format" itself, and
-# every Config field. 0 (no "format"): the versions before, each of which wrote the fields its
-# Config had.
-CONFIG_FORMAT = 3
+# 4: elastic distortion. 3: the deep trunk and the weight average (ADDED_LATER). 2: PyTorch's
+# device and JAX's device count named apart (RENAMED). 1: "format" itself, and every Config field.
+# 0 (no "format"): the versions before, each of which wrote the fields its Config had.
+CONFIG_FORMAT = 4
 # Fields a config.json of format <= F holds under an older name: {old name: (F, new name)}.
 RENAMED: dict[str, tuple[int, str]] = {
     "device": (1, "torch_device"),
@@ -329,6 +330,7 @@ ADDED_LATER: dict[str, tuple[int, object]] = {
     "beta2": (1, 0.999),
     "trunk": (2, "plain"),  # the two-convolution trunk, evaluated with the trained weights
     "ema": (2, 0.0),
+    "elastic": (3, 0.0),  # no elastic distortion
 }
 
 

@@ -291,3 +291,23 @@ def epoch_warps(steps: int, batch_size: int, max_degrees: float, max_scale: floa
     angles = np.deg2rad(max_degrees) * rng.uniform(-1, 1, size=(steps, batch_size))
     scales = 1 + max_scale * rng.uniform(-1, 1, size=(steps, batch_size))
     return np.stack([angles, scales], axis=-1).astype(np.float32)
+
+
+# Elastic distortion (Simard et al. 2003 smooth a random per-pixel field with a Gaussian): here the
+# field is random at a coarse grid of control points and bilinear between them: smooth by
+# construction, and 32 numbers per image in the plan instead of 1,568.
+ELASTIC_GRID = 4
+
+
+def epoch_elastic(steps: int, batch_size: int, max_pixels: float, seed: int, epoch: int) -> np.ndarray:
+    """Per-example displacements at the ELASTIC_GRID x ELASTIC_GRID control points, up to max_pixels
+    either way, rows' then columns', shape (steps, batch_size, 2 * ELASTIC_GRID**2), float32."""
+    rng = np.random.default_rng([seed, epoch, 3])
+    return (max_pixels * rng.uniform(-1, 1, size=(steps, batch_size, 2 * ELASTIC_GRID**2))).astype(np.float32)
+
+
+def elastic_upsampling(size: int = 28, grid: int = ELASTIC_GRID) -> np.ndarray:
+    """(size, grid): bilinear weights from control points spread over the image's first to last
+    pixel; a field F at the control points is U @ F @ U.T at every pixel. Both frameworks use it."""
+    position = np.linspace(0, grid - 1, size)
+    return np.maximum(0.0, 1 - np.abs(position[:, None] - np.arange(grid)[None, :]))

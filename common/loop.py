@@ -238,16 +238,20 @@ def warn_if_not_learning(cfg: Config, steps: int, metrics: dict) -> None:
 
 def epoch_plan(cfg: Config, n_train: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The batches of one epoch and, with augmentation, each image's: its crop offset (steps, b, 2)
-    int32, or with --rotate or --scale its crop offset, angle and scale (steps, b, 4) float32."""
+    int32, or with --rotate, --scale or --elastic its crop offset, angle and scale (steps, b, 4)
+    float32, followed with --elastic by its control points' displacements (D.epoch_elastic)."""
     batches = D.epoch_batches(n_train, cfg.batch_size, cfg.seed, epoch)[: steps_per_epoch(cfg, n_train)]
-    warped = cfg.rotate > 0 or cfg.scale > 0
+    warped = cfg.rotate > 0 or cfg.scale > 0 or cfg.elastic > 0
     if not (cfg.shift or warped):
         return batches, None
-    offsets = D.epoch_offsets(len(batches), cfg.batch_size, cfg.shift, cfg.seed, epoch)
+    steps = len(batches)
+    offsets = D.epoch_offsets(steps, cfg.batch_size, cfg.shift, cfg.seed, epoch)
     if not warped:
         return batches, offsets
-    warps = D.epoch_warps(len(batches), cfg.batch_size, cfg.rotate, cfg.scale, cfg.seed, epoch)
-    return batches, np.concatenate([offsets.astype(np.float32), warps], axis=-1)
+    parts = [offsets.astype(np.float32), D.epoch_warps(steps, cfg.batch_size, cfg.rotate, cfg.scale, cfg.seed, epoch)]
+    if cfg.elastic > 0:
+        parts.append(D.epoch_elastic(steps, cfg.batch_size, cfg.elastic, cfg.seed, epoch))
+    return batches, np.concatenate(parts, axis=-1)
 
 
 def run_training(cfg: Config, make_trainer, environment: dict, write_outputs: bool = True, processes: int = 1) -> list[dict]:

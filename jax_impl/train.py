@@ -130,7 +130,7 @@ def preprocess(images_u8: jax.Array) -> jax.Array:
 
 
 def augment(images_u8: jax.Array, augmentation: jax.Array, max_shift: int) -> jax.Array:
-    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
+    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4 or more)."""
     if augmentation.shape[-1] == 2:
         return translate(images_u8, augmentation, max_shift)
     return warp(images_u8, augmentation, max_shift)
@@ -144,16 +144,21 @@ def translate(images_u8: jax.Array, offsets: jax.Array, max_shift: int) -> jax.A
 
 def warp(images_u8: jax.Array, params: jax.Array, max_shift: int) -> jax.Array:
     """Moves, rotates and scales each image about its centre: params (n, 4) are the crop offset of
-    `translate`, an angle in radians and a scale factor. Bilinear sampling, zero outside the image;
-    returns unnormalised float pixels (n, 28, 28)."""
+    `translate`, an angle in radians and a scale factor; more columns (--elastic) are displacements
+    at control points (`D.epoch_elastic`), bilinear between them, added to where each pixel reads.
+    Bilinear sampling, zero outside the image; returns unnormalised float pixels (n, 28, 28)."""
     grid = jnp.arange(28, dtype=float) - 13.5
     rows, cols = jnp.meshgrid(grid, grid, indexing="ij")
+    upsample = jnp.asarray(D.elastic_upsampling(), dtype=float)
 
     def one(image, p):
         # Each output pixel reads the input where the inverse map sends it.
         cos, sin = jnp.cos(p[2]) / p[3], jnp.sin(p[2]) / p[3]
         src_rows = cos * rows - sin * cols + 13.5 + p[0] - max_shift
         src_cols = sin * rows + cos * cols + 13.5 + p[1] - max_shift
+        if p.shape[0] > 4:
+            field = upsample @ p[4:].reshape(2, D.ELASTIC_GRID, D.ELASTIC_GRID) @ upsample.T
+            src_rows, src_cols = src_rows + field[0], src_cols + field[1]
         return jax.scipy.ndimage.map_coordinates(image, [src_rows, src_cols], order=1, mode="constant")
 
     return jax.vmap(one)(images_u8.astype(float), params.astype(float))

@@ -177,15 +177,15 @@ def trajectory_plan(cfg: Config, n_train: int, steps: int = TRAJECTORY_STEPS) ->
 
 
 def warps(cfg: Config, images_u8: np.ndarray, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The warped images (--rotate, --scale) of each framework, in pixel units."""
+    """The warped images (--rotate, --scale, --elastic) of each framework, in pixel units."""
     j = jtrain.warp(jnp.asarray(images_u8), jnp.asarray(shifts), cfg.shift)
     t = ttrain.warp(torch.from_numpy(images_u8), torch.from_numpy(shifts), cfg.shift)
     return np.asarray(j), t.numpy()
 
 
 def warp_report(train: D.Split) -> dict:
-    """The rotation and scaling of one batch (the digit design's parity recipe), both frameworks,
-    float32 and float64; the same for every design, so measured once."""
+    """The rotation, scaling and elastic distortion of one batch (the digit design's parity
+    recipe), both frameworks, float32 and float64; the same for every design, so measured once."""
     cfg = config_for("digit")
     idx, aug = (a[0] for a in trajectory_plan(cfg, len(train)))
     j, t = warps(cfg, train.images[idx], aug)
@@ -422,8 +422,9 @@ def failures(report: dict) -> list[str]:
 
 
 # Every design is checked with the default translation (--shift 2); the digit design, the best
-# recipe's, with rotation and scaling on top, so each augmentation path is in every check.
-AUGMENTATION = {"digit": {"rotate": 15.0, "scale": 0.15}}
+# recipe's, with rotation, scaling and elastic distortion on top, so each augmentation path is in
+# every check.
+AUGMENTATION = {"digit": {"rotate": 15.0, "scale": 0.15, "elastic": 2.5}}
 
 
 # What is checked: every design, and the model options beside them, each as a design is. The

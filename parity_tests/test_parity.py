@@ -175,10 +175,10 @@ def test_batch_norm_keeps_pytorchs_running_statistics_in_jax():
         assert abs(np.asarray(j.var[...]).mean() - 4.0 * (1 - 0.9**5) - 0.9**5) < 0.3  # it tracked the data's variance
 
 
-def test_rotated_and_scaled_images_agree(splits):
+def test_rotated_scaled_and_elastically_distorted_images_agree(splits):
     """The warp alone; the digit design's checks above also train with it (P.AUGMENTATION)."""
     cfg = P.config_for("digit")
-    assert cfg.rotate and cfg.scale
+    assert cfg.rotate and cfg.scale and cfg.elastic
     train, _ = splits
     r = P.warp_report(train)
     print(f"warp: max difference float64 {r['warp_max_abs_diff_float64']:.1e}, float32 {r['warp_max_abs_diff']:.1e} (pixel units)")
@@ -190,10 +190,12 @@ def test_rotated_and_scaled_images_agree(splits):
     cropped = np.asarray(P.jtrain.translate(images, aug[:, :2].astype(np.int32), cfg.shift))
     assert np.abs(P.warps(cfg, images, aug)[0] - cropped).mean() > 10
     identity = aug.copy()
-    identity[:, 2:] = (0, 1)
+    identity[:, 2:4], identity[:, 4:] = (0, 1), 0
     j_identity, t_identity = P.warps(cfg, images, identity)
     np.testing.assert_array_equal(j_identity, cropped)
     np.testing.assert_allclose(t_identity, cropped, rtol=0, atol=P.WARP_TOLERANCES["warp_max_abs_diff"])  # grid_sample's round trip
+    # The elastic field is a real part of it: without it the same turn and scale give other images.
+    assert np.abs(P.warps(cfg, images, aug)[0] - P.warps(cfg, images, aug[:, :4])[0]).mean() > 5
 
 
 @pytest.mark.full_run

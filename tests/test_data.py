@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,32 @@ def test_rotation_and_scaling_are_seeded_within_their_ranges_and_keep_the_crop_o
     assert not np.array_equal(aug, epoch_plan(cfg, 1000, epoch=2)[1])
     assert epoch_plan(Config(shift=2), 1000, epoch=1)[1].shape[-1] == 2  # translation alone: integer offsets
     assert epoch_plan(Config(shift=0), 1000, epoch=1)[1] is None
+
+
+def test_elastic_displacements_are_seeded_within_their_range_and_added_after_the_warp():
+    from common.config import Config
+    from common.loop import epoch_plan
+
+    cfg = Config(rotate=15.0, scale=0.1, elastic=2.5, seed=3)
+    batches, aug = epoch_plan(cfg, 1000, epoch=1)
+    assert aug.shape == (*batches.shape, 4 + 2 * D.ELASTIC_GRID**2) and aug.dtype == np.float32
+    # the crop, angle and scale are those drawn without it: --elastic adds to them, not redraws them
+    np.testing.assert_array_equal(aug[..., :4], epoch_plan(replace(cfg, elastic=0.0), 1000, epoch=1)[1])
+    assert -2.5 <= aug[..., 4:].min() < -2.4 and 2.4 < aug[..., 4:].max() <= 2.5
+    assert not np.array_equal(aug, epoch_plan(cfg, 1000, epoch=2)[1])
+    # --elastic alone is a warp too (angle 0, scale 1)
+    alone = epoch_plan(Config(elastic=1.0), 1000, epoch=1)[1]
+    assert alone.shape[-1] == 36 and (alone[..., 2] == 0).all() and (alone[..., 3] == 1).all()
+
+
+def test_the_elastic_field_interpolates_its_control_points():
+    u = D.elastic_upsampling()
+    np.testing.assert_allclose(u.sum(axis=1), 1.0, rtol=0, atol=1e-12)  # a weighted mean of control points
+    # the first and last pixel of each side sit on the corner control points
+    np.testing.assert_array_equal(u[[0, -1]], np.eye(D.ELASTIC_GRID)[[0, -1]])
+    field = np.random.default_rng(0).uniform(-1, 1, (D.ELASTIC_GRID, D.ELASTIC_GRID))
+    smooth = u @ field @ u.T
+    assert np.abs(np.diff(smooth, axis=0)).max() <= np.abs(np.diff(field, axis=0)).max() / 9 + 1e-12  # 9 pixels per cell
 
 
 def test_epoch_batches_are_a_seeded_permutation():

@@ -521,7 +521,7 @@ def _rewrite_config(run: Path, drop: tuple[str, ...] = (), **top) -> None:
 def test_training_writes_the_config_format(runs):
     for run in runs.values():
         saved = json.loads((run / "config.json").read_text())
-        assert saved["format"] == CONFIG_FORMAT == 3 and list(saved)[0] == "format"
+        assert saved["format"] == CONFIG_FORMAT == 4 and list(saved)[0] == "format"
 
 
 # What a config.json of format 1 holds: the settings of the version that introduced the format.

@@ -62,13 +62,17 @@ def warp(images_u8: torch.Tensor, params: torch.Tensor, max_shift: int) -> torch
     cos, sin = (torch.cos(p[:, 2]) / p[:, 3])[:, None, None], (torch.sin(p[:, 2]) / p[:, 3])[:, None, None]
     src_rows = cos * rows - sin * cols + 13.5 + p[:, 0, None, None] - max_shift
     src_cols = sin * rows + cos * cols + 13.5 + p[:, 1, None, None] - max_shift
+    if p.shape[1] > 4:
+        upsample = torch.from_numpy(D.elastic_upsampling()).to(p)
+        field = upsample @ p[:, 4:].reshape(-1, 2, D.ELASTIC_GRID, D.ELASTIC_GRID) @ upsample.T
+        src_rows, src_cols = src_rows + field[:, 0], src_cols + field[:, 1]
     xy = torch.stack([src_cols, src_rows], dim=-1) / 13.5 - 1  # grid_sample wants (x, y) in -1..1
     images = images_u8.to(p.dtype).unsqueeze(1)
     return F.grid_sample(images, xy, mode="bilinear", padding_mode="zeros", align_corners=True).squeeze(1)
 
 
 def augment(images_u8: torch.Tensor, augmentation: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4)."""
+    """The augmentation `common.loop.epoch_plan` drew: a crop offset (n, 2), or a warp (n, 4 or more)."""
     if augmentation.shape[-1] == 2:
         return translate(images_u8, augmentation, max_shift)
     return warp(images_u8, augmentation, max_shift)
@@ -142,7 +146,7 @@ class TorchTrainer:
 
     def batch_images(self, idx: torch.Tensor, augmentation: torch.Tensor | None) -> torch.Tensor:
         """The images (b, 28, 28) of one batch as the step sees them (uint8; float pixels when
-        warped): indices (b,) and crop offsets (b, 2) or warps (b, 4) on the device, gathered
+        warped): indices (b,) and crop offsets (b, 2) or warps (b, 4 or more) on the device, gathered
         and augmented there."""
         images = self.images[idx]
         return images if augmentation is None else augment(images, augmentation, self.cfg.shift)
