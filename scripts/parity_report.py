@@ -76,7 +76,7 @@ def main() -> None:
         print("* judged against the deep trunk's own bar: " + ", ".join(f"{k} <= {t:g}" for k, t in P.DEEP_TOLERANCES.items()))
     warp = P.warp_report(train)
     for key, tol in P.WARP_TOLERANCES.items():
-        print(f"{key:32s} <={tol:8.0e} {warp[key]:12.3e}  (rotation and scaling, pixel units; every design)")
+        print(f"{key:32s} <={tol:8.0e} {warp[key]:12.3e}  (the warp, pixel units; every design)")
     failed["warp"] = [f"{k} = {warp[k]:.3g} > {tol:g}" for k, tol in P.WARP_TOLERANCES.items() if warp[k] > tol]
     # The top-level keys hold the worst case over the designs judged against "tolerances", so one
     # number answers "does it pass?"; a case with a bar of its own is judged in "failures".

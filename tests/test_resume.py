@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # A narrow network and big batches keep each epoch to seconds; the mechanism is the same.
 SMALL = ["--epochs", "2", "--batch-size", "500", "--conv1", "8", "--conv2", "16", "--hidden", "64", "--seed", "3"]
 # The deep trunk and the weight average: batch norm's running statistics and the average are
-# training state beside the parameters.
-DEEP = [*SMALL, "--trunk", "deep", "--design", "digit", "--ema", "0.9"]
+# training state beside the parameters. With the record preset's warp, and the elastic field, whose
+# draws a resumed epoch must repeat.
+DEEP = [*SMALL, "--trunk", "deep", "--design", "digit", "--ema", "0.9", "--rotate", "10", "--scale", "0.1", "--elastic", "2"]
 
 
 def command(framework: str, *args: str) -> list[str]:
