@@ -5,6 +5,7 @@ gathered and cropped there, so one code path serves both."""
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,12 @@ def translate(images_u8: torch.Tensor, offsets: torch.Tensor, max_shift: int) ->
     return padded[torch.arange(len(offsets), device=images_u8.device)[:, None, None], rows, cols]
 
 
+@functools.cache
+def elastic_upsampling(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """common.data's bilinear 4x4 -> 28x28 matrix, built once per dtype and device rather than every step."""
+    return torch.from_numpy(D.elastic_upsampling()).to(dtype=dtype, device=device)
+
+
 def warp(images_u8: torch.Tensor, params: torch.Tensor, max_shift: int) -> torch.Tensor:
     """jax_impl/train.py's `warp`: the same inverse map, sampled by grid_sample (bilinear, zeros
     outside, align_corners=True so coordinate -1..1 spans pixel centres 0..27)."""
@@ -63,7 +70,7 @@ def warp(images_u8: torch.Tensor, params: torch.Tensor, max_shift: int) -> torch
     src_rows = cos * rows - sin * cols + 13.5 + p[:, 0, None, None] - max_shift
     src_cols = sin * rows + cos * cols + 13.5 + p[:, 1, None, None] - max_shift
     if p.shape[1] > 4:
-        upsample = torch.from_numpy(D.elastic_upsampling()).to(p)
+        upsample = elastic_upsampling(p.dtype, p.device)
         field = upsample @ p[:, 4:].reshape(-1, 2, D.ELASTIC_GRID, D.ELASTIC_GRID) @ upsample.T
         src_rows, src_cols = src_rows + field[:, 0], src_cols + field[:, 1]
     xy = torch.stack([src_cols, src_rows], dim=-1) / 13.5 - 1  # grid_sample wants (x, y) in -1..1
