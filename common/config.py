@@ -183,11 +183,11 @@ PRESETS: dict[str, dict] = {
     "speedrun-99.5": {"design": "digit", "conv1": 32, "conv2": 64, "kernel1": 5, "padding": "valid", "epochs": 4,
                       "batch_size": 256, "lr": 1e-2, "beta1": 0.7, "beta2": 0.9, "warmup_epochs": 0.25, "shift": 1,
                       "rotate": 10.0, "scale": 0.1, "label_smoothing": 0.1, "sum_weight": 0.5},
-    # The highest test accuracy within about 15 minutes on a 2-core CPU.
+    # The plain trunk's highest test accuracy (its training time: docs/results.md).
     "best": {"design": "digit", "epochs": 30, "label_smoothing": 0.1, "warmup_epochs": 1.0},
     # Toward the single-network record (issue 28, docs/results.md "Toward the MNIST record"):
     # best's recipe on the deep trunk, rotation and scaling, evaluated with a weight average;
-    # 48 / 96 channels: a higher 3-seed mean than 32 / 64, within the 25 minutes the issue allows;
+    # 48 / 96 channels: a higher 3-seed mean than 32 / 64, within the issue's time limit;
     # 10 epochs: 18 scored no higher (docs/results.md, "A deeper trunk", has the seeds' scores).
     "record": {"design": "digit", "trunk": "deep", "conv1": 48, "conv2": 96, "epochs": 10, "label_smoothing": 0.1,
                "warmup_epochs": 1.0, "rotate": 10.0, "scale": 0.1, "ema": 0.999},
