@@ -33,6 +33,9 @@ BN_EPSILON = 1e-5
 
 
 class SumNet(nn.Module):
+    # Each layer starts from PyTorch's default initialisation, not Flax's: the parity checks copy
+    # weights across, and independent runs compare what each framework's users get
+    # (docs/parity.md, "Trained independently").
     def __init__(self, cfg: Config):
         super().__init__()
         self.design, self.trunk = cfg.design, cfg.trunk
