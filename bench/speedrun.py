@@ -27,8 +27,9 @@ EVALS_PER_EPOCH = 8
 TORCH_VARIANTS = ("eager", "compile", "channels_last")  # --speedrun-torch (bench/paths.py makes each)
 JAX_VARIANT = "default"  # JaxTrainer as train_jax.py makes it (steps per call: common/config.py:steps_per_call)
 QUICK_SEEDS, QUICK_STEPS = 2, 16  # --quick: two seeds, two steps between evaluations
-# Each speedrun preset and the test accuracy, digit and sum, that its clock runs to (--speedrun-preset).
-TARGETS = {"speedrun": 0.99, "speedrun-99.5": 0.995}
+# Each speedrun preset and the test accuracy, digit and sum, that its clock runs to (--speedrun-preset);
+# `fast`, the recipe before the speedrun, so the speedrun's gain over it is timed on the same clock.
+TARGETS = {"speedrun": 0.99, "speedrun-99.5": 0.995, "fast": 0.99}
 
 
 def recipe(preset: str, seed: int, torch_device: str) -> Config:
