@@ -53,8 +53,8 @@ def _plus_minus(mean: float | None, std: float | None) -> str:
     return "-" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
 
 
-def _range(low: float | None, high: float | None) -> str:
-    return "-" if low is None else f"{low:.2f}-{high:.2f}"
+def _range(low: float | None, high: float | None, spec: str = ".2f") -> str:
+    return "-" if low is None else f"{low:{spec}}-{high:{spec}}"
 
 
 def machine_lines(report: dict) -> list[str]:
@@ -127,21 +127,40 @@ def start_lines(report: dict) -> list[str]:
 
 
 def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
-    """Per framework the summary over seeds, then a row per run, then the plot."""
+    """Per preset the summary over seeds per framework, then a row per run; with several presets
+    the ratios of their training times; then the plot."""
     s = report.get("speedrun")
     if not s:
         return []
-    target = f"{100 * s['target']:.1f}%"
+    lines = []
+    for preset, p in s["presets"].items():
+        lines += preset_lines(s, preset, p["recipe"], p["target"])
+    if s["ratios"]:
+        first = s["preset"]
+        lines += ["", f"Training time of `{first}` over each other preset's, seed by seed (each seed ran the presets one "
+                  "after the other):", "", "| framework | over | seeds | ratio, mean | min-max |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['framework']} | `{r['baseline']}` | {r['seeds']} | {_num(r['train_s_ratio_mean'], '.3f')} | "
+                  f"{_range(r['train_s_ratio_min'], r['train_s_ratio_max'], '.3f')} |" for r in s["ratios"]]
+    if s.get("plot"):
+        link = os.path.relpath(s["plot"], folder) if folder else s["plot"]
+        lines += ["", f"![test accuracy against seconds, per framework and seed]({link})"]
+    return lines
+
+
+def preset_lines(s: dict, preset: str, recipe: str, target: float) -> list[str]:
+    """One preset's tables: the summary per framework, then a row per run."""
+    goal = f"{100 * target:.1f}%"
     seeds = "seed 0" if s["seeds"] == 1 else f"seeds 0-{s['seeds'] - 1}"
-    lines = ["", f"Speedrun: `--preset {s['preset']}` (`{s['recipe']}`), {seeds}, JAX and PyTorch "
-             f"({s['torch_variant']}) in turn seed by seed, each from a fresh trainer and a {s.get('start', 'cold')} start{' (JAX: its programs from a compilation cache a warm-up run filled)' if s.get('start') == 'warm' else ' (nothing compiled before)'}; the clock runs from building the "
+    turn = "seed by seed" if len(s["presets"]) == 1 else f"seed by seed, each seed running `{', '.join(s['presets'])}` in turn"
+    lines = ["", f"Speedrun: `--preset {preset}` (`{recipe}`), {seeds}, JAX and PyTorch "
+             f"({s['torch_variant']}) in turn {turn}, each from a fresh trainer and a {s['start']} start{' (JAX: its programs from a compilation cache a warm-up run filled)' if s['start'] == 'warm' else ' (nothing compiled before)'}; the clock runs from building the "
              f"trainer to the end of its last step, compilation included, the test set's scoring ({s['evals_per_epoch']} "
              "times an epoch) excluded" + (" (--quick: a few steps)" if s["quick"] else "") + ":", "",
-             f"| framework | variant | reached {target} digit and sum | time to {target} s, mean ± std | min-max | "
+             f"| framework | variant | reached {goal} digit and sum | time to {goal} s, mean ± std | min-max | "
              "compile s (mean) | training s (mean) | final digit % mean (min) | final sum % mean (min) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for f in s["summary"]:
-        if not f["runs"]:
+        if f["preset"] != preset or not f["runs"]:
             continue
         lines.append(f"| {f['framework']} | {f['variant']} | {f['reached']} of {f['runs']} | "
                      f"{_plus_minus(f['time_to_target_s_mean'], f['time_to_target_s_std'])} | "
@@ -149,9 +168,9 @@ def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
                      f"{_num(f['compile_s_mean'], '.2f')} | {f['train_s_mean']:.2f} | "
                      f"{100 * f['final_test_digit_acc_mean']:.2f} ({100 * f['final_test_digit_acc_min']:.2f}) | "
                      f"{100 * f['final_test_sum_acc_mean']:.2f} ({100 * f['final_test_sum_acc_min']:.2f}) |")
-    lines += ["", f"| seed | framework | variant | compile s | time to {target} s | at step | training s | final digit % | final sum % |",
+    lines += ["", f"| seed | framework | variant | compile s | time to {goal} s | at step | training s | final digit % | final sum % |",
               "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in s["runs"]:
+    for r in (r for r in s["runs"] if r["preset"] == preset):
         lead = f"| {r['seed']} | {r['framework']} | {r['variant']} |"
         if "error" in r:
             lines.append(f"{lead} {r['error']} ||||||")
@@ -160,36 +179,37 @@ def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
         lines.append(f"{lead} {_num(r['compile_s'], '.2f')} | {_num(r['time_to_target_s'], '.2f')} | "
                      f"{'-' if at is None else at['step']} | {r['train_s']:.2f} | "
                      f"{100 * r['final_test_digit_acc']:.2f} | {100 * r['final_test_sum_acc']:.2f} |")
-    if s.get("plot"):
-        link = os.path.relpath(s["plot"], folder) if folder else s["plot"]
-        lines += ["", f"![test accuracy against seconds, per framework and seed]({link})"]
     return lines
 
 
 def plot_speedrun(section: dict, path: Path) -> Path:
     """Test accuracy (the lower of the two heads) against the run's clock, a line per run, one
     colour per framework, the target drawn across: the whole curve, and beside it the approach
-    to the target. Written atomically (a reader never sees half a PNG)."""
+    to the target; a row of the two per preset. Written atomically (a reader never sees half a
+    PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    target = 100 * section["target"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    runs = [r for r in section["runs"] if "error" not in r]
-    for ax in axes:
-        for framework, colour in (("jax", "tab:blue"), ("torch", "tab:orange")):
-            for i, r in enumerate(x for x in runs if x["framework"] == framework):
-                curve = r["curve"]
-                ax.plot([p["clock_s"] for p in curve], [100 * min(p["test_digit_acc"], p["test_sum_acc"]) for p in curve],
-                        "o-", color=colour, alpha=0.6, markersize=3, label=f"{framework} ({r['variant']})" if i == 0 else None)
-        ax.axhline(target, color="gray", linestyle="--", label=f"{target:.1f}%")
-        ax.set(xlabel="seconds since the trainer was built (compilation in, evaluation out)")
-        ax.grid(alpha=0.3)
-    axes[0].set(ylabel="test accuracy, lower of digit and sum (%)", title=f"--preset {section['preset']}, {section['seeds']} seeds")
-    axes[1].set(ylim=(target - 2, 100), title=f"near {target:.1f}%")
-    axes[0].legend(loc="lower right")
+    presets = list(section["presets"])
+    fig, grid = plt.subplots(len(presets), 2, figsize=(12, 4.5 * len(presets)), squeeze=False)
+    for preset, axes in zip(presets, grid):
+        target = 100 * section["presets"][preset]["target"]
+        runs = [r for r in section["runs"] if r["preset"] == preset and "error" not in r]
+        for ax in axes:
+            for framework, colour in (("jax", "tab:blue"), ("torch", "tab:orange")):
+                for i, r in enumerate(x for x in runs if x["framework"] == framework):
+                    curve = r["curve"]
+                    ax.plot([p["clock_s"] for p in curve], [100 * min(p["test_digit_acc"], p["test_sum_acc"]) for p in curve],
+                            "o-", color=colour, alpha=0.6, markersize=3, label=f"{framework} ({r['variant']})" if i == 0 else None)
+            ax.axhline(target, color="gray", linestyle="--", label=f"{target:.1f}%")
+            ax.set(xlabel="seconds since the trainer was built (compilation in, evaluation out)")
+            ax.grid(alpha=0.3)
+        axes[0].set(ylabel="test accuracy, lower of digit and sum (%)", title=f"--preset {preset}, {section['seeds']} seeds")
+        axes[1].set(ylim=(target - 2, 100), title=f"near {target:.1f}%")
+        axes[1].sharex(axes[0])
+        axes[0].legend(loc="lower right")
     fig.tight_layout()
     png = io.BytesIO()
     try:

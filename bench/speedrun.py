@@ -1,5 +1,6 @@
 """The speedrun: a speedrun preset (common/config.py) trained by both frameworks over seeds
-0..N-1, in turn (JAX seed 0, PyTorch seed 0, JAX seed 1, ...), so machine noise hits both alike.
+0..N-1, in turn (JAX seed 0, PyTorch seed 0, JAX seed 1, ...), so machine noise hits both alike;
+with several presets each seed runs them all, one after the other.
 Each run starts from a fresh trainer and its clock runs from building the trainer to the end of
 its last step, compilation included, as a user's first start pays it. The test set is scored at
 points through each epoch, off the clock: the curve, and the time to the preset's target on
@@ -38,47 +39,52 @@ def recipe(preset: str, seed: int, torch_device: str) -> Config:
 
 def measure(args: argparse.Namespace, report: dict, torch_device, save: Callable[[], object]) -> None:
     """The speedrun part into report["speedrun"], saved after every run; none starts after three
-    quarters of --time-budget."""
-    seeds, preset = range(min(args.seeds, QUICK_SEEDS) if args.quick else args.seeds), args.speedrun_preset
-    target = TARGETS[preset]
+    quarters of --time-budget. With several presets (--speedrun-preset a,b) each seed runs them
+    all in turn, so the ratio of their times is measured side by side: the machine's speed drifts
+    between separate runs (docs/results.md, "Speedrun")."""
+    presets = args.speedrun_presets
+    seeds = range(min(args.seeds, QUICK_SEEDS) if args.quick else args.seeds)
     section = report["speedrun"] = {
-        "preset": preset, "recipe": recipe_flags(recipe(preset, 0, "auto")), "target": target, "seeds": len(seeds),
-        "torch_variant": args.speedrun_torch, "evals_per_epoch": EVALS_PER_EPOCH, "quick": args.quick,
-        "start": args.speedrun_start, "runs": [], "summary": []}
-    print(f"speedrun (--preset {preset}, {len(seeds)} seeds, JAX and PyTorch {args.speedrun_torch} in turn, "
+        "preset": presets[0], "presets": {p: {"recipe": recipe_flags(recipe(p, 0, "auto")), "target": TARGETS[p]} for p in presets},
+        "seeds": len(seeds), "torch_variant": args.speedrun_torch, "evals_per_epoch": EVALS_PER_EPOCH, "quick": args.quick,
+        "start": args.speedrun_start, "runs": [], "summary": [], "ratios": []}
+    print(f"speedrun (--preset {','.join(presets)}, {len(seeds)} seeds, JAX and PyTorch {args.speedrun_torch} in turn, "
           f"{args.speedrun_start} starts):")
     if args.speedrun_start == "warm":
-        fill_compile_cache(recipe(preset, 0, str(torch_device)), target)
+        fill_compile_cache([recipe(p, 0, str(torch_device)) for p in presets])
     for seed in seeds:
-        cfg = recipe(preset, seed, str(torch_device))
-        splits = load_splits(cfg)  # once per seed, off the clock: reading MNIST is no part of training
-        for framework, variant in (("jax", JAX_VARIANT), ("torch", args.speedrun_torch)):
-            section["runs"].append(run_row(args, seed, framework, variant, cfg, splits, target))
-            section["summary"] = [summarize(section["runs"], fw) for fw in ("jax", "torch")]
-            save()
+        for preset in presets:
+            cfg = recipe(preset, seed, str(torch_device))
+            splits = load_splits(cfg)  # off the clock: reading MNIST is no part of training
+            for framework, variant in (("jax", JAX_VARIANT), ("torch", args.speedrun_torch)):
+                section["runs"].append(run_row(args, seed, preset, framework, variant, cfg, splits, TARGETS[preset]))
+                section["summary"] = [summarize(section["runs"], fw, p) for p in presets for fw in ("jax", "torch")]
+                section["ratios"] = [ratio(section["runs"], fw, presets[0], p) for p in presets[1:] for fw in ("jax", "torch")]
+                save()
 
 
-def fill_compile_cache(cfg: Config, target: float) -> None:
+def fill_compile_cache(cfgs: list[Config]) -> None:
     """A user's second start: JAX's persistent compilation cache (in a folder of this process's
-    own) filled by one untimed run of a few steps, so each timed run loads its programs from disk
-    (`cold_start` clears only the in-memory caches)."""
+    own) filled by one untimed run of a few steps of each recipe, so each timed run loads its
+    programs from disk (`cold_start` clears only the in-memory caches)."""
     import tempfile
 
     from jax_impl.train import enable_compile_cache
 
     enable_compile_cache(folder=tempfile.mkdtemp(prefix="speedrun-jax-cache-"))
-    with cold_start("jax"):
-        speedrun("jax", JAX_VARIANT, cfg, load_splits(cfg), QUICK_STEPS, target)
+    for cfg in cfgs:
+        with cold_start("jax"):
+            speedrun("jax", JAX_VARIANT, cfg, load_splits(cfg), QUICK_STEPS, TARGETS[cfg.preset])
 
 
-def run_row(args: argparse.Namespace, seed: int, framework: str, variant: str, cfg: Config,
+def run_row(args: argparse.Namespace, seed: int, preset: str, framework: str, variant: str, cfg: Config,
             splits: tuple[D.Split, D.Split], target: float) -> dict:
     """One run's row, or past three quarters of --time-budget the note that it did not run."""
-    row = {"seed": seed, "framework": framework, "variant": variant}
+    row = {"seed": seed, "preset": preset, "framework": framework, "variant": variant}
     if over_budget(args, 0.75):
         return {**row, "error": "not run: --time-budget"}
     row.update(speedrun(framework, variant, cfg, splits, QUICK_STEPS if args.quick else None, target))
-    print(f"  {framework:5s} seed {seed}: {describe(row, target)}")
+    print(f"  {preset} {framework:5s} seed {seed}: {describe(row, target)}")
     return row
 
 
@@ -171,12 +177,14 @@ def describe(row: dict, target: float) -> str:
             + f", digit {100 * row['final_test_digit_acc']:.2f}%  sum {100 * row['final_test_sum_acc']:.2f}%")
 
 
-def summarize(runs: list[dict], framework: str) -> dict:
-    """One framework's runs: time to the target over the seeds that reached it (mean, sample
-    standard deviation, min, max), compile and training seconds (mean), final scores (mean, min)."""
-    done = [r for r in runs if r["framework"] == framework and "error" not in r]
+def summarize(runs: list[dict], framework: str, preset: str) -> dict:
+    """One framework's runs of one preset: time to the target over the seeds that reached it
+    (mean, sample standard deviation, min, max), compile and training seconds (mean), final
+    scores (mean, min)."""
+    mine = [r for r in runs if r["framework"] == framework and r["preset"] == preset]
+    done = [r for r in mine if "error" not in r]
     reached = [r["time_to_target_s"] for r in done if r["time_to_target_s"] is not None]
-    out = {"framework": framework, "variant": next((r["variant"] for r in runs if r["framework"] == framework), None),
+    out = {"preset": preset, "framework": framework, "variant": next((r["variant"] for r in mine), None),
            "runs": len(done), "reached": len(reached), **spread("time_to_target_s", reached),
            "compile_s_mean": mean([r["compile_s"] for r in done if r["compile_s"] is not None]),
            "train_s_mean": mean([r["train_s"] for r in done])}
@@ -184,6 +192,16 @@ def summarize(runs: list[dict], framework: str) -> dict:
         values = [r[f"final_test_{head}_acc"] for r in done]
         out |= {f"final_test_{head}_acc_mean": mean(values), f"final_test_{head}_acc_min": min(values, default=None)}
     return out
+
+
+def ratio(runs: list[dict], framework: str, preset: str, baseline: str) -> dict:
+    """One framework's training time on `preset` over its time on `baseline`, seed by seed (the
+    two ran one after the other), over the seeds where both ran: mean, min, max."""
+    times = {(r["preset"], r["seed"]): r["train_s"] for r in runs if r["framework"] == framework and "error" not in r}
+    ratios = [times[preset, seed] / times[baseline, seed] for p, seed in times if p == preset and (baseline, seed) in times]
+    return {"framework": framework, "preset": preset, "baseline": baseline, "seeds": len(ratios),
+            "train_s_ratio_mean": mean(ratios), "train_s_ratio_min": min(ratios, default=None),
+            "train_s_ratio_max": max(ratios, default=None)}
 
 
 def mean(values: list[float]) -> float | None:

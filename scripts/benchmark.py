@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py [--batch-sizes 32,128,512] [--steps N] [--device auto|cpu|cuda]
                                 [--json OUT] [--markdown OUT] [--quick] [--part steps,training,starts,speedrun]
-                                [--seeds N] [--speedrun-preset speedrun|speedrun-99.5|fast]
+                                [--seeds N] [--speedrun-preset PRESET[,PRESET...]]
                                 [--speedrun-start cold|warm] [--speedrun-torch eager|compile|channels_last] [--plot PNG]
 
 JAX runs on its default backend (a GPU when it has one; JAX_PLATFORMS respected), PyTorch on
@@ -15,10 +15,11 @@ precision (TF32 or not). Paths are measured in rounds that alternate between the
 noise hits all alike. Then each framework trains its fastest recipe for this kind of chip
 until 99.0% test digit and sum (on a CPU epoch by epoch in turn; on a GPU one run after the
 other, each written when done). Then, in processes of their own, the cold starts. Then the
-speedrun: `--preset speedrun` (or `speedrun-99.5`) in both frameworks over --seeds seeds, in turn,
-each run from a fresh trainer with its compilation on the clock, the test set scored 8 times an
-epoch off the clock: the time to 99.0% (99.5%) digit and sum per seed, and a plot of the curves (--plot, by default
-beside --markdown or --json as NAME-speedrun.png). --part runs some of these
+speedrun: `--preset speedrun` (or `speedrun-99.5`, or several presets, each seed running them in
+turn) in both frameworks over --seeds seeds, in turn, each run from a fresh trainer with its
+compilation on the clock, the test set scored 8 times an epoch off the clock: the time to 99.0%
+(99.5%) digit and sum per seed, and a plot of the curves (--plot, by default beside --markdown
+or --json as NAME-speedrun.png). --part runs some of these
 (scripts/accelerator_check.sh runs the steps, the speedrun and the training in stages); --json and
 --markdown are rewritten, atomically, as each batch size, epoch or run is done.
 
@@ -89,7 +90,7 @@ def plot_path(args: argparse.Namespace) -> Path | None:
 
 
 def check_numbers(args: argparse.Namespace) -> list[int]:
-    """The batch sizes; every numeric flag checked before anything runs."""
+    """The batch sizes; every numeric flag, and the speedrun's presets, checked before anything runs."""
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -102,6 +103,10 @@ def check_numbers(args: argparse.Namespace) -> list[int]:
         raise UserError(f"--max-epochs must be in 1..10000, got {args.max_epochs}")
     if not 1 <= args.seeds <= 1000:
         raise UserError(f"--seeds must be in 1..1000, got {args.seeds}")
+    args.speedrun_presets = args.speedrun_preset.split(",")
+    if set(args.speedrun_presets) - set(speedrun.TARGETS) or len(set(args.speedrun_presets)) < len(args.speedrun_presets):
+        raise UserError(f"--speedrun-preset wants one or more of {','.join(speedrun.TARGETS)}, each once, "
+                        f"got {args.speedrun_preset!r}")
     if args.time_budget is not None and not 0 < args.time_budget < 1e6:
         raise UserError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     return batch_sizes
@@ -125,9 +130,11 @@ def parse_args() -> tuple[argparse.Namespace, list[int], list[str]]:
                              "variants from the steps in --json when run alone), starts (process starts), speedrun "
                              "(--speedrun-preset over --seeds seeds, compilation included)")
     parser.add_argument("--seeds", type=int, default=10, help="speedrun: seeds 0..N-1 per framework")
-    parser.add_argument("--speedrun-preset", choices=tuple(speedrun.TARGETS), default="speedrun",
-                        help="speedrun: the recipe, and the test accuracy its clock runs to (speedrun: 99.0%%, "
-                             "speedrun-99.5: 99.5%%; fast, the recipe before them, to 99.0%%)")
+    parser.add_argument("--speedrun-preset", default="speedrun", metavar="PRESET[,PRESET...]",
+                        help=f"speedrun: the recipe ({', '.join(speedrun.TARGETS)}), and the test accuracy its clock "
+                             "runs to (speedrun and fast, the recipe before it: 99.0%%; speedrun-99.5: 99.5%%); several, "
+                             "comma-separated: each seed runs them in turn, and the first one's training time is "
+                             "compared with each other's, seed by seed")
     parser.add_argument("--speedrun-start", choices=("cold", "warm"), default="cold",
                         help="speedrun: JAX compiles every program (a first start), or loads them from a "
                              "compilation cache a warm-up run filled (a user's later starts)")

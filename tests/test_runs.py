@@ -244,8 +244,10 @@ def test_a_bad_number_is_refused_before_anything_is_written(framework, tmp_path)
     (["--batch-sizes", "100000"], "--batch-sizes must each be in"),
     (["--batch-sizes", "nan"], "--batch-sizes wants integers"),
     (["--steps", "nan"], "invalid int value"),
+    (["--speedrun-preset", "speedrun,nope"], "--speedrun-preset wants one or more of"),
+    (["--speedrun-preset", "fast,fast"], "--speedrun-preset wants one or more of"),
 ])
-def test_benchmark_numeric_flags_are_one_line(args, message, tmp_path):
+def test_benchmark_flag_errors_are_one_line(args, message, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--json", str(out)],
                             capture_output=True, text=True, timeout=300)
