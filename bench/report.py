@@ -133,8 +133,8 @@ def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
     if not s:
         return []
     lines = []
-    for preset, p in s["presets"].items():
-        lines += preset_lines(s, preset, p["recipe"], p["target"])
+    for preset in s["presets"]:
+        lines += preset_lines(s, preset)
     if s["ratios"]:
         first = s["preset"]
         lines += ["", f"Training time of `{first}` over each other preset's, seed by seed (each seed ran the presets one "
@@ -147,9 +147,9 @@ def speedrun_lines(report: dict, folder: Path | None) -> list[str]:
     return lines
 
 
-def preset_lines(s: dict, preset: str, recipe: str, target: float) -> list[str]:
+def preset_lines(s: dict, preset: str) -> list[str]:
     """One preset's tables: the summary per framework, then a row per run."""
-    goal = f"{100 * target:.1f}%"
+    recipe, goal = s["presets"][preset]["recipe"], f"{100 * s['presets'][preset]['target']:.1f}%"
     seeds = "seed 0" if s["seeds"] == 1 else f"seeds 0-{s['seeds'] - 1}"
     turn = "seed by seed" if len(s["presets"]) == 1 else f"seed by seed, each seed running `{', '.join(s['presets'])}` in turn"
     lines = ["", f"Speedrun: `--preset {preset}` (`{recipe}`), {seeds}, JAX and PyTorch "
@@ -182,6 +182,18 @@ def preset_lines(s: dict, preset: str, recipe: str, target: float) -> list[str]:
     return lines
 
 
+def draw_curves(ax, runs: list[dict], target: float) -> None:
+    """Each run's curve on `ax`, one colour per framework, the target (%) drawn across."""
+    for framework, colour in (("jax", "tab:blue"), ("torch", "tab:orange")):
+        for i, r in enumerate(x for x in runs if x["framework"] == framework):
+            curve = r["curve"]
+            ax.plot([p["clock_s"] for p in curve], [100 * min(p["test_digit_acc"], p["test_sum_acc"]) for p in curve],
+                    "o-", color=colour, alpha=0.6, markersize=3, label=f"{framework} ({r['variant']})" if i == 0 else None)
+    ax.axhline(target, color="gray", linestyle="--", label=f"{target:.1f}%")
+    ax.set(xlabel="seconds since the trainer was built (compilation in, evaluation out)")
+    ax.grid(alpha=0.3)
+
+
 def plot_speedrun(section: dict, path: Path) -> Path:
     """Test accuracy (the lower of the two heads) against the run's clock, a line per run, one
     colour per framework, the target drawn across: the whole curve, and beside it the approach
@@ -198,14 +210,7 @@ def plot_speedrun(section: dict, path: Path) -> Path:
         target = 100 * section["presets"][preset]["target"]
         runs = [r for r in section["runs"] if r["preset"] == preset and "error" not in r]
         for ax in axes:
-            for framework, colour in (("jax", "tab:blue"), ("torch", "tab:orange")):
-                for i, r in enumerate(x for x in runs if x["framework"] == framework):
-                    curve = r["curve"]
-                    ax.plot([p["clock_s"] for p in curve], [100 * min(p["test_digit_acc"], p["test_sum_acc"]) for p in curve],
-                            "o-", color=colour, alpha=0.6, markersize=3, label=f"{framework} ({r['variant']})" if i == 0 else None)
-            ax.axhline(target, color="gray", linestyle="--", label=f"{target:.1f}%")
-            ax.set(xlabel="seconds since the trainer was built (compilation in, evaluation out)")
-            ax.grid(alpha=0.3)
+            draw_curves(ax, runs, target)
         axes[0].set(ylabel="test accuracy, lower of digit and sum (%)", title=f"--preset {preset}, {section['seeds']} seeds")
         axes[1].set(ylim=(target - 2, 100), title=f"near {target:.1f}%")
         axes[1].sharex(axes[0])
